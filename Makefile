@@ -1,0 +1,41 @@
+# kd-lightning: every target sets up what it needs (a virtual environment in .venv/, the data).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup data test test-fast demo benchmark lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) data ## create .venv, install kd-lightning (editable, dev extras) and Fashion-MNIST
+
+data: $(STAMP) ## make Fashion-MNIST available (Debian package as root, else torchvision download)
+	$(BIN)/python scripts/fetch_data.py
+
+test: setup ## run the whole test suite
+	$(BIN)/python -m pytest
+
+test-fast: setup ## the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow"
+
+demo: setup ## the main job: teacher, student alone, distilled student on Fashion-MNIST
+	$(BIN)/python scripts/main_job.py
+
+benchmark: setup ## KD benchmark: one teacher, 3 student seeds alone vs distilled
+	$(BIN)/python scripts/benchmark_kd.py
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP) ## ruff fix and format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean: ## remove runs and caches (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Lightning callbacks for distillation (soft-target caching, clustering, teacher placement, dashboards)."""

@@ -1,0 +1,219 @@
+"""Indexed classification data: the batch contract of DESIGN.md.
+
+Every item is ``{"input": Tensor, "target": int, "index": int}``. ``index`` is the sample's position
+in its *source* split (the training file or the test file), so it does not change with the
+validation carve-out, shuffling, workers, DDP sharding or resumption: soft targets are keyed by it.
+
+A dataset is a :class:`ClassificationSource` (where the files are, how to read them) chosen by
+``class_path``; :class:`IndexedDataModule` does the rest (split, loaders) once for all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import Transform
+
+
+class ClassificationSource(ABC):
+    """Where a classification dataset lives and how to read it.
+
+    Subclasses set ``name``, ``num_classes``, ``input_shape`` and ``class_names`` (attributes or
+    properties) and implement :meth:`load`. :meth:`prepare` downloads or checks files; Lightning calls
+    it on one process only.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+
+    def prepare(self) -> None:  # noqa: B027 - optional hook, most sources have nothing to fetch
+        """Fetch or check files; runs once per node before :meth:`load`."""
+
+    @abstractmethod
+    def load(self, train: bool) -> tuple[Dataset, Tensor]:
+        """Return the training (``train=True``) or test split as a dataset of ``(input, target)`` pairs
+        and the 1-D int64 tensor of all its targets."""
+
+
+class IndexedDataset(Dataset):
+    """A view of ``source`` restricted to ``indices`` whose items follow the batch contract.
+
+    Args:
+        source: dataset of ``(input, target)`` pairs.
+        targets: all targets of ``source``.
+        indices: positions in ``source`` this view exposes, in order.
+        transform: applied to each input (training augmentation); ``None`` for evaluation.
+    """
+
+    def __init__(
+        self,
+        source: Dataset,
+        targets: Tensor,
+        indices: Tensor,
+        transform: Transform | None = None,
+    ) -> None:
+        self.source = source
+        self.indices = indices.long()
+        self.targets = targets[self.indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.indices[i])
+        x, y = self.source[j]
+        if self.transform is not None:
+            x = self.transform(x)
+        return {"input": x, "target": int(y), "index": j}
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """Deterministic train/validation split of ``range(n)``; each part sorted.
+
+    Args:
+        n: number of samples in the training file.
+        val_size: a count (int) or a fraction in ``[0, 1)`` (float).
+        seed: the split's own seed, independent of the training seed.
+
+    Raises:
+        ValueError: if ``val_size`` leaves no training sample.
+
+    Example:
+        >>> tr, va = split_indices(10, 0.2, seed=0)
+        >>> len(tr), len(va), sorted(tr.tolist() + va.tolist()) == list(range(10))
+        (8, 2, True)
+    """
+    n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
+    if not 0 <= n_val < n:
+        raise ValueError(f"`val_size` must leave training data: got {val_size!r} for {n} training samples.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def targets_hash(targets: Tensor) -> str:
+    """Short content hash of a target vector (part of a dataset's fingerprint)."""
+    return hashlib.sha256(targets.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class IndexedDataModule(L.LightningDataModule):
+    """Train/validation/test loaders over one :class:`ClassificationSource`.
+
+    The validation split is carved from the training file with its own seed (``split_seed``), so it
+    is the same for every run, model and process.
+
+    Args:
+        source: the dataset (``class_path`` in YAML), e.g. ``datamodules.FashionMNIST``.
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test/predict batch size per process.
+        val_size: validation samples carved from the training file: a count or a fraction.
+        split_seed: seed of the train/validation split.
+        num_workers: DataLoader workers (0 loads in the main process, best for in-memory data).
+        pin_memory: pin host memory (GPU training).
+        train_transform: augmentation applied to training inputs only.
+        train_fraction: keep only this fraction of the training split (seeded by ``split_seed``),
+            for data-efficiency experiments.
+    """
+
+    def __init__(
+        self,
+        source: ClassificationSource,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int | float = 5000,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        train_transform: Transform | None = None,
+        train_fraction: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(source, ClassificationSource):
+            raise TypeError(f"`source` must be a ClassificationSource, got {type(source).__name__}.")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"`train_fraction` must lie in (0, 1], got {train_fraction!r}.")
+        self.source = source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_transform = train_transform
+        self.train_fraction = train_fraction
+        self.train_set: IndexedDataset | None = None
+        self.val_set: IndexedDataset | None = None
+        self.test_set: IndexedDataset | None = None
+
+    # What models are built from; linked into the model by the CLI.
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.source.input_shape)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.class_names)
+
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit", "validate"):
+            data, targets = self.source.load(train=True)
+            train_idx, val_idx = split_indices(len(targets), self.val_size, self.split_seed)
+            if self.train_fraction < 1.0:
+                keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.split_seed + 1))
+                train_idx = train_idx[keep[: max(1, round(self.train_fraction * len(train_idx)))].sort().values]
+            self.train_set = IndexedDataset(data, targets, train_idx, self.train_transform)
+            self.val_set = IndexedDataset(data, targets, val_idx)
+        if self.test_set is None and stage in (None, "test", "predict"):
+            data, targets = self.source.load(train=False)
+            self.test_set = IndexedDataset(data, targets, torch.arange(len(targets)))
+
+    def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call `setup()` before asking for a dataloader.")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def fingerprint(self, split: str) -> dict[str, Any]:
+        """Identity of one split (``"train"``, ``"val"`` or ``"test"``): name, length and a target hash."""
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}.get(split)
+        if dataset is None:
+            raise ValueError(f"`split` must be one of 'train', 'val', 'test' after setup(), got {split!r}.")
+        return {"dataset": self.source.name, "split": split, "length": len(dataset), "targets": targets_hash(dataset.targets)}
+

@@ -1,0 +1,318 @@
+"""LightningModules: a classifier (teacher / generalist / baseline) and a distillation module (student).
+
+Both take their network as ``Callable[[input_shape, num_classes], nn.Module]`` (a ``class_path`` in
+YAML whose first two arguments the CLI links from the DataModule), an optimizer callable and an
+optional :class:`~kd_lightning.optim.Schedule`. The maths of distillation lives in
+:mod:`kd_lightning.losses`; these classes only wire it to Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.objectives import HintonKD, Objective
+from kd_lightning.optim import Schedule
+
+NetFactory = Callable[[tuple[int, ...], int], nn.Module]
+STAGES = ("train", "val", "test")
+# Key under which a checkpoint records the module class that wrote it, so a teacher checkpoint can
+# be reloaded without the user naming its class.
+CLASS_KEY = "kd_lightning_class"
+
+
+class _ClassifierBase(L.LightningModule):
+    """What every classifier-shaped module shares: forward, evaluation, logging, optimizers, checkpoints."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        optimizer: OptimizerCallable,
+        lr_schedule: Schedule | None,
+        agreement: bool,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(num_classes, int) and num_classes >= 2):
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+        self.metrics = _stage_metrics(num_classes, agreement)
+        self.net: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return self.net.parameters()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return {"index": batch["index"], "logits": self(batch["input"]).float()}
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        logits = self(batch["input"])
+        loss = nn.functional.cross_entropy(logits.float(), batch["target"])
+        self._log_step(stage, {"loss": loss}, logits, batch["target"])
+
+    def _log_step(
+        self, stage: str, losses: dict[str, Tensor], logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None
+    ) -> None:
+        # Epoch-level only, so every key keeps its plain name ("train/loss", not "train/loss_epoch").
+        n = target.shape[0]
+        log = dict(on_step=False, on_epoch=True, batch_size=n)
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value.detach(), sync_dist=True, **log)
+        metrics = self.metrics[f"{stage}_"]
+        metrics["acc"](logits.detach(), target)
+        self.log(f"{stage}/acc", metrics["acc"], prog_bar=stage != "train", **log)
+        if teacher_logits is not None:
+            metrics["teacher_acc"](teacher_logits, target)
+            metrics["agreement"]((logits.argmax(-1) == teacher_logits.argmax(-1)).float())
+            self.log(f"{stage}/teacher_acc", metrics["teacher_acc"], **log)
+            self.log(f"{stage}/agreement", metrics["agreement"], **log)
+
+    def configure_optimizers(self) -> Any:
+        # Explicit over the trainable network only: a frozen teacher must never reach the optimizer.
+        optimizer = self.optimizer(self.trainable_parameters())
+        if self.lr_schedule is None:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_schedule.build(optimizer, total, per_epoch)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+
+class ClassifierModule(_ClassifierBase):
+    """Train and evaluate one classifier with cross-entropy: a teacher, a generalist or a baseline.
+
+    Logs ``{train,val,test}/loss`` and ``{train,val,test}/acc`` (top-1, micro-averaged).
+
+    Args:
+        net: network factory, e.g. ``kd_lightning.models.MLP`` with its ``init_args``.
+        num_classes: linked from the DataModule.
+        input_shape: linked from the DataModule.
+        optimizer: optimizer factory over the network's parameters.
+        lr_schedule: optional schedule built once the length of training is known.
+        label_smoothing: label smoothing of the cross-entropy (note: teachers trained with it
+            distil worse, Müller et al. 2019).
+    """
+
+    def __init__(
+        self,
+        net: NetFactory,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Schedule | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, input_shape, optimizer, lr_schedule, agreement=False)
+        self.save_hyperparameters()
+        self.net = net(self.input_shape, num_classes)
+        self.label_smoothing = label_smoothing
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["input"])
+        loss = nn.functional.cross_entropy(logits.float(), batch["target"], label_smoothing=self.label_smoothing)
+        self._log_step("train", {"loss": loss}, logits, batch["target"])
+        return loss
+
+
+class DistillationModule(_ClassifierBase):
+    """Train a student on a frozen teacher's soft targets (and the hard labels).
+
+    The teacher is frozen by construction: it is in eval mode whatever ``train()`` is called with,
+    its parameters have ``requires_grad=False``, the optimizer is built over the student only, and
+    its weights are left out of the student's checkpoints (reloaded from ``teacher_ckpt`` instead).
+
+    Logs, besides the classifier's keys, each component of the objective (``train/hard``,
+    ``train/soft``, ...), ``train/temperature``, and on validation/test ``teacher_acc`` and the
+    teacher–student top-1 ``agreement``.
+
+    Args:
+        student: network factory for the student.
+        num_classes: linked from the DataModule.
+        input_shape: linked from the DataModule.
+        teacher_ckpt: path of a teacher checkpoint written by this package (e.g. by a
+            :class:`ClassifierModule` run); loaded on construction.
+        teacher: a teacher module given directly (Python API, or a ``class_path`` in YAML, e.g. an
+            ensemble). Exclusive with ``teacher_ckpt``. With neither, the module can evaluate and
+            predict but not train (soft targets may come from a store instead).
+        objective: the distillation method; default :class:`~kd_lightning.objectives.HintonKD`.
+        optimizer: optimizer factory over the student's parameters.
+        lr_schedule: optional schedule.
+
+    Raises:
+        FileNotFoundError: ``teacher_ckpt`` does not exist.
+        ValueError: teacher and student disagree on the number of classes, or both teacher
+            arguments are given.
+    """
+
+    def __init__(
+        self,
+        student: NetFactory,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        teacher_ckpt: str | None = None,
+        teacher: nn.Module | None = None,
+        objective: Objective | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Schedule | None = None,
+    ) -> None:
+        super().__init__(num_classes, input_shape, optimizer, lr_schedule, agreement=True)
+        self.save_hyperparameters(ignore=["teacher"])
+        self.net = student(self.input_shape, num_classes)
+        self.objective = objective if objective is not None else HintonKD()
+        if teacher is not None and teacher_ckpt is not None:
+            raise ValueError("give the teacher once: either `teacher` or `teacher_ckpt`, not both.")
+        self.teacher: nn.Module | None = None
+        if teacher_ckpt is not None:
+            teacher = load_teacher(teacher_ckpt)
+        if teacher is not None:
+            self.set_teacher(teacher)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.net
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Attach ``teacher`` frozen, after checking it predicts this module's number of classes."""
+        teacher.eval().requires_grad_(False)
+        classes = teacher_num_classes(teacher, self.input_shape)
+        if classes != self.num_classes:
+            raise ValueError(
+                f"teacher and student disagree on the number of classes: the teacher outputs {classes} "
+                f"logits but `num_classes` (student, from the data) is {self.num_classes}."
+            )
+        self.teacher = teacher
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        # Lightning puts every submodule back in train mode after validation; the teacher must stay in
+        # eval (dropout off, BatchNorm statistics frozen) whatever the loops do.
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def teacher_logits(self, x: Tensor) -> Tensor:
+        if self.teacher is None:
+            raise RuntimeError(
+                "DistillationModule has no teacher: pass `teacher_ckpt` (or `teacher`) to train or to report agreement."
+            )
+        # no_grad, not inference_mode: the result is used as a loss target.
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["input"])
+        teacher_logits = self.teacher_logits(batch["input"])
+        losses = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)
+        self._log_step("train", losses, logits, batch["target"], teacher_logits)
+        if self.objective.temperature is not None:
+            self.log("train/temperature", float(self.objective.temperature), on_step=False, on_epoch=True)
+        return losses["loss"]
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        logits = self(batch["input"])
+        losses = {"loss": nn.functional.cross_entropy(logits.float(), batch["target"])}
+        teacher_logits = None
+        if self.teacher is not None:
+            teacher_logits = self.teacher_logits(batch["input"])
+            losses["kd_loss"] = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)["loss"]
+        self._log_step(stage, losses, logits, batch["target"], teacher_logits)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The teacher is reloaded from `teacher_ckpt`; copying it into every student checkpoint
+        # would multiply disk use by the teacher/student size ratio.
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Put the current teacher's weights back so that strict loading still checks every student key.
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(f"teacher.{key}", value)
+
+
+def _stage_metrics(num_classes: int, agreement: bool) -> nn.ModuleDict:
+    """One set of metric states per stage (torchmetrics objects must not be shared between loops).
+
+    Keys are ``"<stage>_"``: a ModuleDict key may not shadow a Module attribute such as ``train``.
+    """
+
+    def make() -> nn.ModuleDict:
+        metrics: dict[str, nn.Module] = {"acc": MulticlassAccuracy(num_classes, average="micro")}
+        if agreement:
+            metrics["teacher_acc"] = MulticlassAccuracy(num_classes, average="micro")
+            metrics["agreement"] = MeanMetric()
+        return nn.ModuleDict(metrics)
+
+    return nn.ModuleDict({f"{stage}_": make() for stage in STAGES})
+
+
+def teacher_num_classes(teacher: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Number of logits ``teacher`` produces, read from ``num_classes`` or from one dummy forward pass."""
+    classes = getattr(teacher, "num_classes", None)
+    if isinstance(classes, int):
+        return classes
+    param = next(teacher.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    with torch.no_grad():
+        out = teacher(torch.zeros(1, *input_shape, device=device))
+    return int(out.shape[-1])
+
+
+def load_teacher(path: str | Path) -> L.LightningModule:
+    """Load a frozen teacher from a checkpoint written by one of this package's modules.
+
+    The checkpoint names the module class that wrote it; that class rebuilds the network from the
+    saved hyperparameters.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message names ``teacher_ckpt``).
+        ValueError: the file is not a kd-lightning checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`teacher_ckpt`: no checkpoint file at {str(path)!r}.")
+    # mmap: reading the header must not pull the whole teacher into memory a second time.
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # any unreadable file: say which argument pointed at it
+        raise ValueError(f"`teacher_ckpt`: cannot read {str(path)!r} as a checkpoint: {err}") from err
+    class_path = checkpoint.get(CLASS_KEY) if isinstance(checkpoint, dict) else None
+    if class_path is None:
+        raise ValueError(
+            f"`teacher_ckpt`: {str(path)!r} is not a kd-lightning checkpoint (no {CLASS_KEY!r} entry); "
+            "pass the teacher as a module with `teacher` instead."
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    # A distilled student can teach in turn; its own teacher is not needed for that. Lightning drops
+    # keyword arguments a class does not take, so this is harmless for a ClassifierModule.
+    # weights_only=False: hyperparameters may hold network factories (classes, partials); a teacher
+    # checkpoint is code you chose to run, like any pickle.
+    teacher = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, teacher_ckpt=None)
+    return teacher.eval().requires_grad_(False)
