@@ -178,8 +178,12 @@ class IndexedDataModule(L.LightningDataModule):
             data, targets = self.source.load(train=True)
             train_idx, val_idx = split_indices(len(targets), self.val_size, self.split_seed)
             if self.train_fraction < 1.0:
-                keep = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(self.split_seed + 1))
-                train_idx = train_idx[keep[: max(1, round(self.train_fraction * len(train_idx)))].sort().values]
+                keep = torch.randperm(
+                    len(train_idx), generator=torch.Generator().manual_seed(self.split_seed + 1)
+                )
+                train_idx = train_idx[
+                    keep[: max(1, round(self.train_fraction * len(train_idx)))].sort().values
+                ]
             self.train_set = IndexedDataset(data, targets, train_idx, self.train_transform)
             self.val_set = IndexedDataset(data, targets, val_idx)
         if self.test_set is None and stage in (None, "test", "predict"):
@@ -215,5 +219,9 @@ class IndexedDataModule(L.LightningDataModule):
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}.get(split)
         if dataset is None:
             raise ValueError(f"`split` must be one of 'train', 'val', 'test' after setup(), got {split!r}.")
-        return {"dataset": self.source.name, "split": split, "length": len(dataset), "targets": targets_hash(dataset.targets)}
-
+        return {
+            "dataset": self.source.name,
+            "split": split,
+            "length": len(dataset),
+            "targets": targets_hash(dataset.targets),
+        }

@@ -50,7 +50,9 @@ class ImageFolder(ClassificationSource):
         if not (isinstance(resize, int) and resize >= image_size):
             raise ValueError(f"`resize` must be an integer >= image_size={image_size}, got {resize!r}.")
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"`mean` and `std` must hold 3 values each, std positive; got mean={mean}, std={std}.")
+            raise ValueError(
+                f"`mean` and `std` must hold 3 values each, std positive; got mean={mean}, std={std}."
+            )
         self.root = root
         self.train_dir = train_dir
         self.test_dir = test_dir
@@ -76,7 +78,9 @@ class ImageFolder(ClassificationSource):
     def _class_folders(d: Path) -> list[str]:
         classes = sorted(e.name for e in d.iterdir() if e.is_dir())
         if not classes:
-            raise FileNotFoundError(f"ImageFolder: no class folders in {d}; expected {d}/<class>/<image files>.")
+            raise FileNotFoundError(
+                f"ImageFolder: no class folders in {d}; expected {d}/<class>/<image files>."
+            )
         return classes
 
     @property

@@ -38,7 +38,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: IDX header declares shape {dims} ({expected} bytes) but holds {len(raw) - offset}.")
+        raise ValueError(
+            f"{path}: IDX header declares shape {dims} ({expected} bytes) but holds {len(raw) - offset}."
+        )
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -99,8 +101,12 @@ class IDXSource(ClassificationSource):
             )
         import torchvision
 
-        getattr(torchvision.datasets, self.torchvision_name)(self.data_dir or "data", train=True, download=True)
-        getattr(torchvision.datasets, self.torchvision_name)(self.data_dir or "data", train=False, download=True)
+        getattr(torchvision.datasets, self.torchvision_name)(
+            self.data_dir or "data", train=True, download=True
+        )
+        getattr(torchvision.datasets, self.torchvision_name)(
+            self.data_dir or "data", train=False, download=True
+        )
 
     def load(self, train: bool) -> tuple[Dataset, Tensor]:
         paths = self._find(train)
@@ -117,7 +123,9 @@ class IDXSource(ClassificationSource):
         x = torch.from_numpy(images.copy()).float().div_(255).sub_(self.mean).div_(self.std).unsqueeze(1)
         y = torch.from_numpy(labels.astype(np.int64))
         if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"{type(self).__name__}: labels outside 0..{self.num_classes - 1} in {paths[1]}.")
+            raise ValueError(
+                f"{type(self).__name__}: labels outside 0..{self.num_classes - 1} in {paths[1]}."
+            )
         return TensorDataset(x, y), y
 
 
@@ -128,7 +136,18 @@ class FashionMNIST(IDXSource):
     system_dir = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
     torchvision_name = "FashionMNIST"
     mean, std = 0.2860, 0.3530
-    class_names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    class_names = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
 
 
 class MNIST(IDXSource):

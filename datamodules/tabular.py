@@ -88,7 +88,9 @@ class MNIST1D(ClassificationSource):
 
     def __init__(self, num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -> None:
         if not (isinstance(num_samples, int) and num_samples >= 20):
-            raise ValueError(f"`num_samples` must be an integer >= 20 (two per class and split), got {num_samples!r}.")
+            raise ValueError(
+                f"`num_samples` must be an integer >= 20 (two per class and split), got {num_samples!r}."
+            )
         _check_fraction("train_split", train_split)
         self.num_samples = num_samples
         self.seed = seed
@@ -186,7 +188,9 @@ class Synthetic(ClassificationSource):
         self.num_classes = num_superclasses * classes_per_superclass
         self.input_shape = (dim,)
         self.superclass_of = [c // classes_per_superclass for c in range(self.num_classes)]
-        self.class_names = [f"s{c // classes_per_superclass}c{c % classes_per_superclass}" for c in range(self.num_classes)]
+        self.class_names = [
+            f"s{c // classes_per_superclass}c{c % classes_per_superclass}" for c in range(self.num_classes)
+        ]
 
     def _rngs(self) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
         # Independent streams for centres, train and test: each split is the same whichever loads first.

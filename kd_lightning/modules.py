@@ -72,7 +72,12 @@ class _ClassifierBase(L.LightningModule):
         self._log_step(stage, {"loss": loss}, logits, batch["target"])
 
     def _log_step(
-        self, stage: str, losses: dict[str, Tensor], logits: Tensor, target: Tensor, teacher_logits: Tensor | None = None
+        self,
+        stage: str,
+        losses: dict[str, Tensor],
+        logits: Tensor,
+        target: Tensor,
+        teacher_logits: Tensor | None = None,
     ) -> None:
         # Epoch-level only, so every key keeps its plain name ("train/loss", not "train/loss_epoch").
         n = target.shape[0]
@@ -132,7 +137,9 @@ class ClassifierModule(_ClassifierBase):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["input"])
-        loss = nn.functional.cross_entropy(logits.float(), batch["target"], label_smoothing=self.label_smoothing)
+        loss = nn.functional.cross_entropy(
+            logits.float(), batch["target"], label_smoothing=self.label_smoothing
+        )
         self._log_step("train", {"loss": loss}, logits, batch["target"])
         return loss
 
@@ -237,7 +244,9 @@ class DistillationModule(_ClassifierBase):
         teacher_logits = None
         if self.teacher is not None:
             teacher_logits = self.teacher_logits(batch["input"])
-            losses["kd_loss"] = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)["loss"]
+            losses["kd_loss"] = self.objective(
+                logits, teacher_logits, batch["target"], epoch=self.current_epoch
+            )["loss"]
         self._log_step(stage, losses, logits, batch["target"], teacher_logits)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -10,7 +10,13 @@ from abc import ABC, abstractmethod
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses import check_temperature, check_weight, distillation_loss, dkd_loss, logit_matching_loss
+from kd_lightning.losses import (
+    check_temperature,
+    check_weight,
+    distillation_loss,
+    dkd_loss,
+    logit_matching_loss,
+)
 
 
 class Objective(ABC):
@@ -20,8 +26,9 @@ class Objective(ABC):
     temperature: float | None = None
 
     @abstractmethod
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0) -> dict[str, Tensor]:
-        ...
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]: ...
 
 
 class HintonKD(Objective):
@@ -41,8 +48,12 @@ class HintonKD(Objective):
         self.hard_weight = hard_weight
         self.soft_loss = soft_loss
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0) -> dict[str, Tensor]:
-        return distillation_loss(student_logits, teacher_logits, target, self.temperature, self.hard_weight, self.soft_loss)
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
+        return distillation_loss(
+            student_logits, teacher_logits, target, self.temperature, self.hard_weight, self.soft_loss
+        )
 
 
 class LogitMatching(Objective):
@@ -53,7 +64,9 @@ class LogitMatching(Objective):
         self.hard_weight = hard_weight
         self.center = center
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0) -> dict[str, Tensor]:
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
         soft = logit_matching_loss(student_logits, teacher_logits, self.center)
         hard = F.cross_entropy(student_logits.float(), target)
         return {"loss": self.hard_weight * hard + (1 - self.hard_weight) * soft, "hard": hard, "soft": soft}
@@ -71,17 +84,32 @@ class DKD(Objective):
     """
 
     def __init__(
-        self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0, warmup_epochs: int = 20
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        ce_weight: float = 1.0,
+        warmup_epochs: int = 20,
     ) -> None:
         check_temperature(temperature)
         if alpha < 0 or beta < 0 or ce_weight < 0:
-            raise ValueError(f"DKD weights must be >= 0, got alpha={alpha}, beta={beta}, ce_weight={ce_weight}.")
+            raise ValueError(
+                f"DKD weights must be >= 0, got alpha={alpha}, beta={beta}, ce_weight={ce_weight}."
+            )
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.ce_weight, self.warmup_epochs = ce_weight, warmup_epochs
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0) -> dict[str, Tensor]:
+    def __call__(
+        self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 0
+    ) -> dict[str, Tensor]:
         parts = dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta, self.temperature)
         ramp = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
         hard = F.cross_entropy(student_logits.float(), target)
         soft = parts["loss"]
-        return {"loss": self.ce_weight * hard + ramp * soft, "hard": hard, "soft": soft, "tckd": parts["tckd"], "nckd": parts["nckd"]}
+        return {
+            "loss": self.ce_weight * hard + ramp * soft,
+            "hard": hard,
+            "soft": soft,
+            "tckd": parts["tckd"],
+            "nckd": parts["nckd"],
+        }

@@ -29,7 +29,9 @@ class OneCycle(Schedule):
         final_div_factor: final lr = initial lr / final_div_factor.
     """
 
-    def __init__(self, pct_start: float = 0.25, div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
+    def __init__(
+        self, pct_start: float = 0.25, div_factor: float = 25.0, final_div_factor: float = 1e4
+    ) -> None:
         if not 0.0 < pct_start < 1.0:
             raise ValueError(f"`pct_start` must lie in (0, 1), got {pct_start}.")
         self.pct_start, self.div_factor, self.final_div_factor = pct_start, div_factor, final_div_factor

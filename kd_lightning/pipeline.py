@@ -46,7 +46,11 @@ def working_directory(path: Path):
 
 
 def run_stage(
-    name: str, config: str | Path, workdir: str | Path = ".", overrides: Sequence[str] = (), force: bool = False
+    name: str,
+    config: str | Path,
+    workdir: str | Path = ".",
+    overrides: Sequence[str] = (),
+    force: bool = False,
 ) -> StageResult:
     """Fit and test the model of ``config`` (paths inside it relative to ``workdir``), or reuse a finished run.
 
@@ -69,7 +73,9 @@ def run_stage(
         cli = main(args, run=False)
         checkpoint_cb = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         if checkpoint_cb is None or checkpoint_cb.dirpath is None:
-            raise ValueError(f"`config` {config}: a pipeline stage needs a ModelCheckpoint callback with a `dirpath`.")
+            raise ValueError(
+                f"`config` {config}: a pipeline stage needs a ModelCheckpoint callback with a `dirpath`."
+            )
         checkpoint = Path(checkpoint_cb.dirpath) / f"{checkpoint_cb.filename or 'last'}.ckpt"
         result_file = checkpoint.parent / "result.json"
         if result_file.is_file() and checkpoint.is_file() and not force:
@@ -98,5 +104,7 @@ def format_table(rows: Sequence[StageResult]) -> str:
     """A markdown table of stage results."""
     lines = ["| model | test acc (%) | params | fit time (s) | reused |", "|---|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.name} | {100 * r.test_acc:.2f} | {r.params:,} | {r.fit_seconds:.0f} | {'yes' if r.reused else 'no'} |")
+        lines.append(
+            f"| {r.name} | {100 * r.test_acc:.2f} | {r.params:,} | {r.fit_seconds:.0f} | {'yes' if r.reused else 'no'} |"
+        )
     return "\n".join(lines)

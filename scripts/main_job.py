@@ -22,11 +22,17 @@ sys.path.insert(0, str(ROOT))
 
 from kd_lightning.pipeline import format_table, run_stage  # noqa: E402
 
-STAGES = [("teacher (CNN)", "teacher.yaml"), ("student alone (MLP)", "student.yaml"), ("distilled student (MLP)", "distill.yaml")]
+STAGES = [
+    ("teacher (CNN)", "teacher.yaml"),
+    ("student alone (MLP)", "student.yaml"),
+    ("distilled student (MLP)", "distill.yaml"),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default=str(ROOT), help="where runs/ is written (default: the repo)")
     parser.add_argument("--force", action="store_true", help="recompute stages that already finished")
     parser.add_argument("overrides", nargs="*", help="kd arguments for every stage, after --")
@@ -36,15 +42,21 @@ def main() -> None:
     rows = []
     for name, config in STAGES:
         print(f"\n=== {name}: kd fit --config configs/fashion_mnist/{config}", flush=True)
-        rows.append(run_stage(name, ROOT / "configs" / "fashion_mnist" / config, args.workdir, args.overrides, args.force))
+        rows.append(
+            run_stage(
+                name, ROOT / "configs" / "fashion_mnist" / config, args.workdir, args.overrides, args.force
+            )
+        )
     wall = time.perf_counter() - start
 
     table = format_table(rows)
     teacher, alone, distilled = rows
     print("\nFashion-MNIST test accuracy (10,000 test images)\n")
     print(table)
-    print(f"\ndistillation gain over the student alone: {100 * (distilled.test_acc - alone.test_acc):+.2f} points; "
-          f"teacher-student agreement {100 * distilled.metrics.get('test/agreement', float('nan')):.2f}%")
+    print(
+        f"\ndistillation gain over the student alone: {100 * (distilled.test_acc - alone.test_acc):+.2f} points; "
+        f"teacher-student agreement {100 * distilled.metrics.get('test/agreement', float('nan')):.2f}%"
+    )
     print(f"wall time: {wall:.0f} s")
     out = Path(args.workdir) / "runs" / "fashion_mnist" / "main_job.json"
     out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "wall_seconds": round(wall, 1)}, indent=2))

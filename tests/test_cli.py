@@ -26,7 +26,9 @@ TINY = [
 
 def kd_executable() -> str:
     exe = Path(sys.executable).with_name("kd")
-    assert exe.is_file(), f"the console script `kd` is not installed beside {sys.executable}; run `make setup`"
+    assert exe.is_file(), (
+        f"the console script `kd` is not installed beside {sys.executable}; run `make setup`"
+    )
     return str(exe)
 
 
@@ -34,7 +36,9 @@ def test_kd_help_lists_subcommands():
     out = subprocess.run([kd_executable(), "--help"], capture_output=True, text=True, check=True).stdout
     for sub in ("fit", "validate", "test", "predict"):
         assert sub in out
-    out = subprocess.run([kd_executable(), "fit", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [kd_executable(), "fit", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--print_config" in out and "--model" in out and "--data" in out
 
 
@@ -66,7 +70,9 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
     logits.sum().backward()
 
 
-needs_fmnist = pytest.mark.skipif(not FashionMNIST().available(), reason="Fashion-MNIST files missing: run `make data`")
+needs_fmnist = pytest.mark.skipif(
+    not FashionMNIST().available(), reason="Fashion-MNIST files missing: run `make data`"
+)
 
 
 @needs_fmnist
@@ -81,7 +87,16 @@ def test_fashion_mnist_configs_run_end_to_end(tmp_path, monkeypatch):
     assert cli.model.teacher is not None and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     # A second run in the same directory works (the saved config is overwritten, not refused).
     main(["fit", "--config", str(cfg / "distill.yaml"), *TINY])
-    test = main(["test", "--config", str(cfg / "distill.yaml"), "--ckpt_path", str(tmp_path / "runs/fashion_mnist/distill/checkpoints/final.ckpt"), *TINY])
+    test = main(
+        [
+            "test",
+            "--config",
+            str(cfg / "distill.yaml"),
+            "--ckpt_path",
+            str(tmp_path / "runs/fashion_mnist/distill/checkpoints/final.ckpt"),
+            *TINY,
+        ]
+    )
     assert 0.0 <= float(test.trainer.callback_metrics["test/agreement"]) <= 1.0
 
 
@@ -94,7 +109,11 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_bad_temperature_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--config", str(ROOT / "configs/fashion_mnist/distill.yaml"), "--model.init_args.teacher_ckpt=null"]
+    args = [
+        "--config",
+        str(ROOT / "configs/fashion_mnist/distill.yaml"),
+        "--model.init_args.teacher_ckpt=null",
+    ]
     with pytest.raises(ValueError, match="temperature"):
         main([*args, "--model.init_args.objective.init_args.temperature=0", *TINY], run=False)
     with pytest.raises(ValueError, match="hard_weight"):

@@ -45,7 +45,9 @@ def test_soft_target_loss_matches_reference(logits, T):
     ce = reference_soft_ce(z, v, T)
     assert float(soft_target_loss(z, v, T, kind="ce")) == pytest.approx(ce * T**2, rel=1e-5)
     # KL differs from the cross-entropy by the teacher's entropy.
-    assert float(soft_target_loss(z, v, T, kind="kl")) == pytest.approx((ce - entropy_at(v, T)) * T**2, rel=1e-4)
+    assert float(soft_target_loss(z, v, T, kind="kl")) == pytest.approx(
+        (ce - entropy_at(v, T)) * T**2, rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce"])

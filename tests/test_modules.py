@@ -59,12 +59,22 @@ def test_distil_from_checkpoint_keeps_teacher_frozen(tmp_path, teacher_ckpt, tin
     reference = load_teacher(teacher_ckpt)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
 
-    student = DistillationModule(STUDENT_NET, num_classes=4, input_shape=SHAPE, teacher_ckpt=str(teacher_ckpt))
+    student = DistillationModule(
+        STUDENT_NET, num_classes=4, input_shape=SHAPE, teacher_ckpt=str(teacher_ckpt)
+    )
     check = FrozenTeacherCheck()
     trainer = trainer_factory(max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[check])
     trainer.fit(student, tiny_dm())
     # Everything the issue asks to be logged is there.
-    for key in ("train/loss", "train/hard", "train/soft", "train/agreement", "val/acc", "val/teacher_acc", "val/agreement"):
+    for key in (
+        "train/loss",
+        "train/hard",
+        "train/soft",
+        "train/agreement",
+        "val/acc",
+        "val/teacher_acc",
+        "val/agreement",
+    ):
         assert key in trainer.callback_metrics, key
         assert torch.isfinite(trainer.callback_metrics[key])
     trainer.validate(student, tiny_dm(), verbose=False)
@@ -87,11 +97,15 @@ def test_distil_from_checkpoint_keeps_teacher_frozen(tmp_path, teacher_ckpt, tin
     x = torch.randn(5, *SHAPE)
     student.eval()
     for reloaded in (
-        DistillationModule.load_from_checkpoint(path, weights_only=False),  # teacher reloaded from teacher_ckpt
+        DistillationModule.load_from_checkpoint(
+            path, weights_only=False
+        ),  # teacher reloaded from teacher_ckpt
         DistillationModule.load_from_checkpoint(path, weights_only=False, teacher_ckpt=None),  # student only
     ):
         torch.testing.assert_close(reloaded.eval()(x), student(x))
-    assert DistillationModule.load_from_checkpoint(path, weights_only=False, teacher_ckpt=None).teacher is None
+    assert (
+        DistillationModule.load_from_checkpoint(path, weights_only=False, teacher_ckpt=None).teacher is None
+    )
 
 
 def test_teacher_loaded_from_checkpoint_predicts_like_the_original(teacher_ckpt):
@@ -105,7 +119,9 @@ def test_teacher_loaded_from_checkpoint_predicts_like_the_original(teacher_ckpt)
 def test_teacher_given_as_module_and_first_step_loss(tiny_dm):
     torch.manual_seed(0)
     teacher = TEACHER_NET(SHAPE, 4)
-    module = DistillationModule(STUDENT_NET, 4, SHAPE, teacher=teacher, objective=HintonKD(temperature=2.0, hard_weight=0.3))
+    module = DistillationModule(
+        STUDENT_NET, 4, SHAPE, teacher=teacher, objective=HintonKD(temperature=2.0, hard_weight=0.3)
+    )
     dm = tiny_dm()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -136,7 +152,9 @@ def test_missing_or_foreign_checkpoint(tmp_path):
 
 def test_both_teachers_or_none(teacher_ckpt, tiny_dm, trainer_factory):
     with pytest.raises(ValueError, match="either `teacher` or `teacher_ckpt`"):
-        DistillationModule(STUDENT_NET, 4, SHAPE, teacher=TEACHER_NET(SHAPE, 4), teacher_ckpt=str(teacher_ckpt))
+        DistillationModule(
+            STUDENT_NET, 4, SHAPE, teacher=TEACHER_NET(SHAPE, 4), teacher_ckpt=str(teacher_ckpt)
+        )
     lonely = DistillationModule(STUDENT_NET, 4, SHAPE)
     with pytest.raises(RuntimeError, match="no teacher"):
         trainer_factory(max_steps=1, limit_val_batches=0).fit(lonely, tiny_dm())
