@@ -220,18 +220,23 @@ class DistillationModule(_ClassifierBase):
             self.teacher.eval()
         return self
 
-    def teacher_logits(self, x: Tensor) -> Tensor:
+    def teacher_logits(self, batch: dict[str, Any]) -> Tensor:
+        """The teacher's logits for ``batch``: ``batch["teacher_logits"]`` when something upstream (the
+        soft-target cache) put them there, else a forward pass of the teacher."""
+        if "teacher_logits" in batch:
+            return batch["teacher_logits"]
         if self.teacher is None:
             raise RuntimeError(
-                "DistillationModule has no teacher: pass `teacher_ckpt` (or `teacher`) to train or to report agreement."
+                "DistillationModule has no teacher: pass `teacher_ckpt` (or `teacher`), or supply "
+                "batch['teacher_logits'] (e.g. with the SoftTargetCache callback)."
             )
         # no_grad, not inference_mode: the result is used as a loss target.
         with torch.no_grad():
-            return self.teacher(x)
+            return self.teacher(batch["input"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["input"])
-        teacher_logits = self.teacher_logits(batch["input"])
+        teacher_logits = self.teacher_logits(batch)
         losses = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)
         self._log_step("train", losses, logits, batch["target"], teacher_logits)
         if self.objective.temperature is not None:
@@ -242,11 +247,9 @@ class DistillationModule(_ClassifierBase):
         logits = self(batch["input"])
         losses = {"loss": nn.functional.cross_entropy(logits.float(), batch["target"])}
         teacher_logits = None
-        if self.teacher is not None:
-            teacher_logits = self.teacher_logits(batch["input"])
-            losses["kd_loss"] = self.objective(
-                logits, teacher_logits, batch["target"], epoch=self.current_epoch
-            )["loss"]
+        if self.teacher is not None or "teacher_logits" in batch:
+            teacher_logits = self.teacher_logits(batch)
+            losses["kd_loss"] = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)["loss"]
         self._log_step(stage, losses, logits, batch["target"], teacher_logits)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
