@@ -249,7 +249,9 @@ class DistillationModule(_ClassifierBase):
         teacher_logits = None
         if self.teacher is not None or "teacher_logits" in batch:
             teacher_logits = self.teacher_logits(batch)
-            losses["kd_loss"] = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)["loss"]
+            losses["kd_loss"] = self.objective(
+                logits, teacher_logits, batch["target"], epoch=self.current_epoch
+            )["loss"]
         self._log_step(stage, losses, logits, batch["target"], teacher_logits)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
