@@ -4,6 +4,7 @@ from datamodules.base import ClassificationSource, IndexedDataModule, IndexedDat
 from datamodules.cifar import CIFAR10, CIFAR100
 from datamodules.folder import ImageFolder
 from datamodules.idx import MNIST, FashionMNIST, read_idx
+from datamodules.specialist import GroupOversampler, SpecialistDataModule
 from datamodules.tabular import MNIST1D, Digits, Synthetic
 from datamodules.transforms import RandomShift
 
@@ -20,6 +21,8 @@ __all__ = [
     "Digits",
     "MNIST1D",
     "Synthetic",
+    "SpecialistDataModule",
+    "GroupOversampler",
     "RandomShift",
     "read_idx",
 ]

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.transforms import Transform
+from datamodules.transforms import Transform, replay_seed
+
+VIEW_SCHEDULES = ("cycle", "random")
+# Salt that keeps the "random" view schedule's draws independent of the augmentations' own seeds.
+_SCHEDULE_SALT = 0x5EED_71E3
 
 
 class ClassificationSource(ABC):
@@ -47,11 +51,23 @@ class ClassificationSource(ABC):
 class IndexedDataset(Dataset):
     """A view of ``source`` restricted to ``indices`` whose items follow the batch contract.
 
+    With ``augment_seed`` set, augmentation is *replayable*: the input of sample ``j`` at an epoch is
+    view ``v`` of it, the transform run with a generator seeded by
+    :func:`~datamodules.transforms.replay_seed` ``(augment_seed, j, v)``, so :meth:`input_of` ``(j, v)``
+    gives the same tensor in any process at any time; items then also carry ``"view": v``. Which view
+    an epoch serves is set by ``views`` and ``view_schedule`` (see :meth:`view_of`) from the epoch
+    last given to :meth:`set_epoch`.
+
     Args:
         source: dataset of ``(input, target)`` pairs.
         targets: all targets of ``source``.
         indices: positions in ``source`` this view exposes, in order.
         transform: applied to each input (training augmentation); ``None`` for evaluation.
+        augment_seed: seed of replayable augmentation; ``None`` draws from torch's global RNG (not
+            replayable, and items have no ``"view"``).
+        views: number of distinct views per sample; ``None`` gives a new view every epoch.
+        view_schedule: ``"cycle"`` (view ``epoch % views``) or ``"random"`` (a seeded draw from
+            ``(augment_seed, index, epoch)`` in ``[0, views)``).
     """
 
     def __init__(
@@ -60,11 +76,52 @@ class IndexedDataset(Dataset):
         targets: Tensor,
         indices: Tensor,
         transform: Transform | None = None,
+        augment_seed: int | None = None,
+        views: int | None = None,
+        view_schedule: str = "cycle",
     ) -> None:
+        check_replay(augment_seed, views, view_schedule)
         self.source = source
         self.indices = indices.long()
         self.targets = targets[self.indices]
         self.transform = transform
+        self.augment_seed = augment_seed
+        self.views = views
+        self.view_schedule = view_schedule
+        # In shared memory: persistent DataLoader workers keep their own copy of this dataset, and
+        # must still see the epoch that the main process sets.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_() if augment_seed is not None else None
+
+    @property
+    def replayable(self) -> bool:
+        """Whether each item's augmentation is a function of ``(augment_seed, index, view)``."""
+        return self.augment_seed is not None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve the views of ``epoch`` from now on (a no-op unless augmentation is replayable)."""
+        if self._epoch is not None:
+            self._epoch.fill_(int(epoch))
+
+    def view_of(self, index: int, epoch: int | None = None) -> int:
+        """The view of sample ``index`` served at ``epoch`` (default: the epoch last set)."""
+        if self.augment_seed is None:
+            raise RuntimeError("views exist only with replayable augmentation: set `augment_seed`.")
+        epoch = int(self._epoch) if epoch is None else epoch
+        if self.view_schedule == "random":
+            return replay_seed(self.augment_seed ^ _SCHEDULE_SALT, index, epoch) % self.views
+        return epoch if self.views is None else epoch % self.views
+
+    def input_of(self, index: int, view: int | None = None) -> Tensor:
+        """Input of sample ``index`` (a position in ``source``): augmentation view ``view``, or the
+        un-augmented input for ``None``."""
+        x, _ = self.source[index]
+        return x if view is None else self._augment(x, index, view)
+
+    def _augment(self, x: Tensor, index: int, view: int) -> Tensor:
+        if self.transform is None:
+            return x
+        generator = torch.Generator().manual_seed(replay_seed(self.augment_seed, index, view))
+        return self.transform(x, generator=generator)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -72,9 +129,27 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.indices[i])
         x, y = self.source[j]
+        if self.augment_seed is not None:
+            view = self.view_of(j)
+            return {"input": self._augment(x, j, view), "target": int(y), "index": j, "view": view}
         if self.transform is not None:
             x = self.transform(x)
         return {"input": x, "target": int(y), "index": j}
+
+
+def check_replay(augment_seed: int | None, views: int | None, view_schedule: str) -> None:
+    """Raise a ValueError naming the argument unless the replayable-augmentation settings fit together."""
+    if view_schedule not in VIEW_SCHEDULES:
+        raise ValueError(f"`view_schedule` must be one of {VIEW_SCHEDULES}, got {view_schedule!r}.")
+    if views is not None and not (isinstance(views, int) and views >= 1):
+        raise ValueError(f"`augment_views` must be a positive integer or None, got {views!r}.")
+    if augment_seed is None and (views is not None or view_schedule != "cycle"):
+        raise ValueError(
+            "`augment_views` and `view_schedule` choose among replayable augmentation views: "
+            f"set `augment_seed` too (got augment_views={views!r}, view_schedule={view_schedule!r})."
+        )
+    if view_schedule == "random" and views is None:
+        raise ValueError("`view_schedule='random'` draws among `augment_views` views: set `augment_views`.")
 
 
 def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
@@ -122,6 +197,12 @@ class IndexedDataModule(L.LightningDataModule):
         train_transform: augmentation applied to training inputs only.
         train_fraction: keep only this fraction of the training split (seeded by ``split_seed``),
             for data-efficiency experiments.
+        augment_seed: make training augmentation replayable: each sample's augmentation is a
+            function of ``(augment_seed, index, view)`` and training items carry ``"view"`` (see
+            :class:`IndexedDataset`). Needed by the soft-target cache's augmentation-consistent mode.
+            Whoever trains must call :meth:`set_epoch` every epoch; the SoftTargetCache callback does.
+        augment_views: distinct views per sample (``None``: a new view every epoch).
+        view_schedule: ``"cycle"`` (view ``epoch % augment_views``) or ``"random"`` (seeded).
     """
 
     def __init__(
@@ -135,8 +216,12 @@ class IndexedDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         train_transform: Transform | None = None,
         train_fraction: float = 1.0,
+        augment_seed: int | None = None,
+        augment_views: int | None = None,
+        view_schedule: Literal["cycle", "random"] = "cycle",
     ) -> None:
         super().__init__()
+        check_replay(augment_seed, augment_views, view_schedule)
         if not isinstance(source, ClassificationSource):
             raise TypeError(f"`source` must be a ClassificationSource, got {type(source).__name__}.")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -153,6 +238,9 @@ class IndexedDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_transform = train_transform
         self.train_fraction = train_fraction
+        self.augment_seed = augment_seed
+        self.augment_views = augment_views
+        self.view_schedule = view_schedule
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
@@ -184,7 +272,15 @@ class IndexedDataModule(L.LightningDataModule):
                 train_idx = train_idx[
                     keep[: max(1, round(self.train_fraction * len(train_idx)))].sort().values
                 ]
-            self.train_set = IndexedDataset(data, targets, train_idx, self.train_transform)
+            self.train_set = IndexedDataset(
+                data,
+                targets,
+                train_idx,
+                self.train_transform,
+                augment_seed=self.augment_seed,
+                views=self.augment_views,
+                view_schedule=self.view_schedule,
+            )
             self.val_set = IndexedDataset(data, targets, val_idx)
         if self.test_set is None and stage in (None, "test", "predict"):
             data, targets = self.source.load(train=False)
@@ -213,6 +309,11 @@ class IndexedDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Serve the training views of ``epoch`` (replayable augmentation only; otherwise a no-op)."""
+        if self.train_set is not None:
+            self.train_set.set_epoch(epoch)
 
     def fingerprint(self, split: str) -> dict[str, Any]:
         """Identity of one split (``"train"``, ``"val"`` or ``"test"``): name, length and a target hash."""

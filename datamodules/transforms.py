@@ -1,4 +1,10 @@
-"""Batch-free tensor augmentations for in-memory image data (fast on CPU, no PIL round trip)."""
+"""Batch-free tensor augmentations for in-memory image data (fast on CPU, no PIL round trip).
+
+An augmentation can be *replayed*: given a :class:`torch.Generator`, a :class:`Transform` draws every
+random number from it, so seeding the generator with :func:`replay_seed` ``(seed, index, view)`` makes
+view ``view`` of sample ``index`` the same tensor in every process, worker and run. The soft-target
+cache relies on this to store the teacher's outputs for exactly the views the student will see.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_MASK64 = (1 << 64) - 1
+
 
 class Transform(ABC):
-    """A tensor-to-tensor augmentation of one input, chosen by ``class_path`` in YAML."""
+    """A tensor-to-tensor augmentation of one input, chosen by ``class_path`` in YAML.
+
+    Subclasses draw all their randomness from ``generator`` when one is given (torch's global RNG
+    otherwise), so that an augmentation can be replayed; they should also define ``__repr__`` with
+    every argument, which is how a soft-target store recognises the augmentation it was built with.
+    """
 
     @abstractmethod
-    def __call__(self, x: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+
+def _splitmix64(x: int) -> int:
+    # Steele et al.'s SplitMix64 finaliser: every input bit affects every output bit, so nearby
+    # (seed, index, view) triples give unrelated generator seeds.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def replay_seed(seed: int, index: int, view: int) -> int:
+    """The generator seed of augmentation view ``view`` of sample ``index`` under run seed ``seed``.
+
+    A pure function of its arguments (no Python ``hash``, which varies between processes), in
+    ``[0, 2**64)``, the range :meth:`torch.Generator.manual_seed` accepts.
+
+    Args:
+        seed: the augmentation seed of the run (``augment_seed`` of the DataModule).
+        index: the sample's index (its position in the source split).
+        view: which augmentation of the sample, ``>= 0``.
+
+    Example:
+        >>> replay_seed(0, 7, 1) == replay_seed(0, 7, 1) != replay_seed(0, 7, 2)
+        True
+        >>> g = torch.Generator().manual_seed(replay_seed(0, 7, 1))
+        >>> x = torch.arange(16.0).view(1, 4, 4)
+        >>> a = RandomShift(1, hflip=True)(x, generator=g)
+        >>> torch.equal(a, RandomShift(1, hflip=True)(x, torch.Generator().manual_seed(replay_seed(0, 7, 1))))
+        True
+    """
+    h = _splitmix64(seed & _MASK64)
+    h = _splitmix64(h ^ (index & _MASK64))
+    return _splitmix64(h ^ (view & _MASK64))
 
 
 class RandomShift(Transform):
@@ -33,13 +80,13 @@ class RandomShift(Transform):
         self.max_shift = max_shift
         self.hflip = hflip
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         s = self.max_shift
         if s:
             h, w = x.shape[-2:]
-            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            dy, dx = torch.randint(0, 2 * s + 1, (2,), generator=generator).tolist()
             x = F.pad(x, (s, s, s, s))[..., dy : dy + h, dx : dx + w]
-        if self.hflip and torch.rand(()) < 0.5:
+        if self.hflip and torch.rand((), generator=generator) < 0.5:
             x = x.flip(-1)
         return x
 

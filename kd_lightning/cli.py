@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import callbacks  # noqa: F401  (registers callbacks for class_path)
 import datamodules
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
+import kd_lightning.specialists  # noqa: F401
 
 
 class KDCLI(LightningCLI):

@@ -1,0 +1,583 @@
+"""Groups of classes that a classifier confuses (Hinton, Vinyals & Dean 2015, section 5), and the groups file.
+
+The paper clusters "the covariance matrix of the predictions of our generalist model, so that a set of
+classes that are often predicted together" becomes the label set of one specialist, with k-means on the
+matrix's columns; no true labels are needed. This module holds that maths as pure functions:
+
+* :func:`prediction_covariance` (the paper's matrix) and :func:`confusion_affinity` (a symmetrised,
+  row-normalised soft confusion matrix, which needs labels), chosen by name through :data:`MATRICES`;
+* :func:`cluster_classes`: k-means on the matrix's columns (:class:`KMeansGrouping`) or spectral
+  clustering of the matrix as an affinity (:class:`SpectralGrouping`), then an exact assignment that
+  respects bounds on the group sizes, and optionally overlapping groups (each class in its ``overlap``
+  nearest groups);
+* :class:`ClassGroups`: the groups file of DESIGN.md (``num_classes``, ``class_names``, ``groups``,
+  ``method``, ``source``, ``matrix``), validated on read and on write;
+* :class:`PredictionCollector`: a torchmetrics metric that gathers ``(index, probs, target)`` across
+  processes and drops the duplicates a DistributedSampler pads with, so the matrix is the same for
+  any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+GROUPS_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Matrices
+
+
+def _check_probs(probs: Tensor, name: str = "probs") -> None:
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise ValueError(
+            f"`{name}` must have shape (num_samples, num_classes >= 2), got {tuple(probs.shape)}."
+        )
+
+
+def prediction_covariance(probs: Tensor) -> Tensor:
+    """Covariance over samples of the predicted class probabilities: the paper's clustering matrix.
+
+    Entry ``(i, j)`` is positive when classes ``i`` and ``j`` tend to receive probability on the same
+    inputs, i.e. when the classifier confuses them; no labels are needed.
+
+    Args:
+        probs: ``(N, C)`` predicted probabilities, ``N >= 2``.
+
+    Returns:
+        ``(C, C)`` symmetric fp64 tensor, normalised by ``N - 1`` like :func:`numpy.cov`.
+
+    Raises:
+        ValueError: ``probs`` is not ``(N >= 2, C >= 2)``.
+
+    Example:
+        >>> p = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+        >>> prediction_covariance(p)[0].round(decimals=4).tolist()
+        [0.0833, 0.0833, -0.1667]
+    """
+    _check_probs(probs)
+    if probs.shape[0] < 2:
+        raise ValueError(f"`probs` needs at least 2 samples for a covariance, got {probs.shape[0]}.")
+    x = probs.double()
+    x = x - x.mean(0, keepdim=True)
+    return x.T @ x / (x.shape[0] - 1)
+
+
+def confusion_affinity(probs: Tensor, target: Tensor) -> Tensor:
+    """Symmetrised, row-normalised soft confusion matrix ``(M + M^T) / 2``.
+
+    Row ``c`` of ``M`` is the mean predicted distribution over the samples whose true class is ``c``
+    (a soft confusion matrix; pass one-hot ``probs`` for the hard one). Normalising by the class's
+    sample count keeps rare classes from looking unconfusable; symmetrising makes "i mistaken for j"
+    and "j mistaken for i" one affinity. A class with no sample has a zero row.
+
+    Args:
+        probs: ``(N, C)`` predicted probabilities.
+        target: ``(N,)`` true class ids in ``[0, C)``.
+
+    Returns:
+        ``(C, C)`` symmetric fp64 tensor with entries in ``[0, 1]``.
+
+    Raises:
+        ValueError: shapes disagree or a target lies outside ``[0, C)``.
+
+    Example:
+        >>> p = torch.tensor([[0.6, 0.4], [0.0, 1.0]])
+        >>> confusion_affinity(p, torch.tensor([0, 1])).round(decimals=4).tolist()
+        [[0.6, 0.2], [0.2, 1.0]]
+    """
+    _check_probs(probs)
+    num_classes = probs.shape[1]
+    if target.shape != probs.shape[:1]:
+        raise ValueError(
+            f"`target` must have shape ({probs.shape[0]},) to match `probs`, got {tuple(target.shape)}."
+        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(
+            f"`target` must lie in [0, {num_classes}), got values in [{int(target.min())}, {int(target.max())}]."
+        )
+    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=probs.device)
+    sums.index_add_(0, target.long(), probs.double())
+    counts = torch.bincount(target.long(), minlength=num_classes).clamp_min(1).double()
+    m = sums / counts[:, None]
+    return (m + m.T) / 2
+
+
+# Name -> matrix builder ``(probs, target) -> (C, C)``; the callback's ``matrix`` argument picks one.
+MATRICES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "covariance": lambda probs, target: prediction_covariance(probs),
+    "confusion": confusion_affinity,
+}
+
+
+def class_matrix(kind: str, probs: Tensor, target: Tensor) -> Tensor:
+    """The ``(C, C)`` matrix named ``kind`` (a key of :data:`MATRICES`) of these predictions.
+
+    Raises:
+        ValueError: ``kind`` is not a known name (the message lists them).
+    """
+    if kind not in MATRICES:
+        raise ValueError(f"`matrix` must be one of {sorted(MATRICES)}, got {kind!r}.")
+    return MATRICES[kind](probs, target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Clustering
+
+
+class Grouping(ABC):
+    """How classes are embedded before k-means: one feature row per class.
+
+    Args:
+        n_init: k-means restarts (the best inertia is kept).
+        seed: seed of k-means (and of the spectral embedding's solver).
+    """
+
+    def __init__(self, n_init: int = 10, seed: int = 0) -> None:
+        if not (isinstance(n_init, int) and n_init >= 1):
+            raise ValueError(f"`n_init` must be a positive integer, got {n_init!r}.")
+        self.n_init = n_init
+        self.seed = seed
+
+    @abstractmethod
+    def features(self, matrix: np.ndarray, num_groups: int) -> np.ndarray:
+        """``(C, d)`` features of the ``C`` classes of the ``(C, C)`` ``matrix``."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"grouping": type(self).__name__, "n_init": self.n_init, "seed": self.seed}
+
+
+class KMeansGrouping(Grouping):
+    """k-means on the columns of the matrix, as in the paper: class ``j`` is the point ``matrix[:, j]``.
+
+    Two classes land together when they covary alike with every class, which is what being confused
+    with the same classes means.
+
+    Args:
+        normalize: scale each column to unit length first (k-means on directions, not sizes). A
+            confidently predicted class has a large variance on the diagonal and little else, so with
+            tens of classes the raw columns cluster by confidence rather than by confusion (on the
+            50-class synthetic data, raw covariance columns give an adjusted Rand index of 0.06-0.2
+            against the planted groups once the generalist fits its training set, unit columns 1.0).
+            With the paper's 15,000 classes one diagonal entry is drowned by 300 group entries, and
+            the two agree. ``False`` is the paper's literal choice.
+        n_init: k-means restarts.
+        seed: k-means seed.
+    """
+
+    def __init__(self, normalize: bool = True, n_init: int = 10, seed: int = 0) -> None:
+        super().__init__(n_init, seed)
+        self.normalize = normalize
+
+    def features(self, matrix: np.ndarray, num_groups: int) -> np.ndarray:
+        columns = matrix.T.copy()
+        if self.normalize:
+            columns /= np.maximum(np.linalg.norm(columns, axis=1, keepdims=True), 1e-12)
+        return columns
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "normalize": self.normalize}
+
+
+class SpectralGrouping(Grouping):
+    """Spectral clustering of the matrix read as an affinity graph between classes.
+
+    Negative entries (a covariance has them) are clipped to 0 and the diagonal is dropped, so the graph
+    says only which classes are confused with which; the classes are embedded with the graph
+    Laplacian's leading eigenvectors (:func:`sklearn.manifold.spectral_embedding`) and k-means runs in
+    that embedding, as :class:`sklearn.cluster.SpectralClustering` does. Where k-means on raw columns is
+    dominated by each class's own variance (few classes, a confident model), this still sees the
+    off-diagonal structure.
+    """
+
+    def features(self, matrix: np.ndarray, num_groups: int) -> np.ndarray:
+        from sklearn.manifold import spectral_embedding
+
+        affinity = np.clip((matrix + matrix.T) / 2, 0.0, None)
+        np.fill_diagonal(affinity, 0.0)
+        # Isolated classes (no confusion at all) would make the Laplacian singular: a tiny uniform
+        # floor keeps the graph connected without changing which edges dominate.
+        affinity += 1e-9 * max(float(affinity.max()), 1e-12)
+        np.fill_diagonal(affinity, 0.0)
+        return spectral_embedding(affinity, n_components=num_groups, random_state=self.seed, drop_first=False)
+
+
+def _squared_distances(features: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    return ((features[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
+
+
+def bounded_assignment(distances: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
+    """Assign each class to one group, minimising the total distance, with every group's size in bounds.
+
+    Exact: a linear assignment of the ``C`` classes to ``max_size`` slots per group, where the first
+    ``min_size`` slots of each group carry a bonus larger than any saving elsewhere, so every group's
+    compulsory slots are filled first. Solved with :func:`scipy.optimize.linear_sum_assignment`; when
+    the nearest-group assignment already satisfies the bounds it is returned as is.
+
+    Args:
+        distances: ``(C, K)`` distance of each class to each group.
+        min_size: least classes per group.
+        max_size: most classes per group.
+
+    Returns:
+        ``(C,)`` group id of each class.
+
+    Raises:
+        ValueError: the bounds cannot hold (``K * min_size > C`` or ``K * max_size < C``).
+
+    Example:
+        >>> d = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+        >>> bounded_assignment(d, 0, 3).tolist(), np.bincount(bounded_assignment(d, 1, 2)).tolist()
+        ([0, 0, 0], [2, 1])
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    num_classes, num_groups = distances.shape
+    if not num_groups * min_size <= num_classes <= num_groups * max_size:
+        raise ValueError(
+            f"group size bounds cannot hold: {num_groups} groups of {min_size} to {max_size} classes "
+            f"(`min_size`, `max_size`) cannot cover {num_classes} classes."
+        )
+    nearest = distances.argmin(1)
+    sizes = np.bincount(nearest, minlength=num_groups)
+    if sizes.min() >= min_size and sizes.max() <= max_size:
+        return nearest
+    spread = float(distances.max() - distances.min()) + 1.0
+    bonus = spread * (num_classes + 1)
+    cost = np.repeat(distances, max_size, axis=1)  # column k * max_size + s: slot s of group k
+    compulsory = (np.arange(num_groups * max_size) % max_size) < min_size
+    cost[:, compulsory] -= bonus
+    _, columns = linear_sum_assignment(cost)
+    return columns // max_size
+
+
+def cluster_classes(
+    matrix: Tensor | np.ndarray,
+    num_groups: int,
+    method: Grouping | None = None,
+    min_size: int = 1,
+    max_size: int | None = None,
+    overlap: int = 1,
+    max_iter: int = 100,
+) -> list[list[int]]:
+    """Cluster the ``C`` classes of a ``(C, C)`` matrix into ``num_groups`` groups.
+
+    k-means (sklearn, ``n_init`` restarts) on the features of ``method`` gives the centres; the classes
+    are then assigned with :func:`bounded_assignment` and the centres recomputed until the assignment
+    stops changing (constrained k-means, Bradley, Bennett & Demiriz 2000). Without binding bounds this is
+    plain k-means. With ``overlap = m > 1`` each class also joins ``m - 1`` more groups, the nearest
+    ones that fit (an exact assignment minimising the total distance with no group past ``max_size``),
+    as the paper's groups may overlap; ``min_size`` bounds the groups before they gain these members.
+
+    Args:
+        matrix: ``(C, C)`` matrix, e.g. :func:`prediction_covariance`.
+        num_groups: ``K``, the number of groups.
+        method: :class:`KMeansGrouping` (default, the paper) or :class:`SpectralGrouping`.
+        min_size: least classes per group (1 forbids empty groups).
+        max_size: most classes per group (``None``: no bound).
+        overlap: number of groups each class belongs to.
+        max_iter: cap on the constrained k-means iterations.
+
+    Returns:
+        ``K`` sorted lists of class ids, ordered by their smallest member.
+
+    Raises:
+        ValueError: a bad ``num_groups``, ``overlap`` or size bound (the message names it).
+
+    Example:
+        >>> block = np.kron(np.eye(2), np.ones((2, 2)))  # classes {0, 1} and {2, 3} covary
+        >>> cluster_classes(block, 2)
+        [[0, 1], [2, 3]]
+    """
+    from sklearn.cluster import KMeans
+
+    method = method if method is not None else KMeansGrouping()
+    m = matrix.detach().cpu().double().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"`matrix` must be square (C, C) with C >= 2, got shape {m.shape}.")
+    if not np.isfinite(m).all():
+        raise ValueError("`matrix` has non-finite entries (NaN or inf).")
+    num_classes = m.shape[0]
+    if not (isinstance(num_groups, int) and 1 <= num_groups <= num_classes):
+        raise ValueError(f"`num_groups` must be an integer in [1, {num_classes}], got {num_groups!r}.")
+    if not (isinstance(overlap, int) and 1 <= overlap <= num_groups):
+        raise ValueError(f"`overlap` must be an integer in [1, num_groups={num_groups}], got {overlap!r}.")
+    max_size = num_classes if max_size is None else max_size
+    if not (isinstance(min_size, int) and min_size >= 0):
+        raise ValueError(f"`min_size` must be an integer >= 0, got {min_size!r}.")
+    if not (isinstance(max_size, int) and max_size >= max(min_size, 1)):
+        raise ValueError(
+            f"`max_size` must be an integer >= max(min_size, 1) = {max(min_size, 1)}, got {max_size!r}."
+        )
+    if num_classes * overlap > num_groups * max_size:
+        raise ValueError(
+            f"`max_size`={max_size} is too small: {num_groups} groups cannot hold {num_classes} classes "
+            f"{overlap} times each (`overlap`)."
+        )
+
+    features = method.features(m, num_groups)
+    kmeans = KMeans(num_groups, n_init=method.n_init, random_state=method.seed).fit(features)
+    centres = kmeans.cluster_centers_
+    assign = None
+    for _ in range(max_iter):
+        new = bounded_assignment(_squared_distances(features, centres), min_size, max_size)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        centres = np.stack(
+            [features[assign == k].mean(0) if (assign == k).any() else centres[k] for k in range(num_groups)]
+        )
+    assert assign is not None
+    members = [set(np.flatnonzero(assign == k).tolist()) for k in range(num_groups)]
+    if overlap > 1:
+        _add_overlap(members, _squared_distances(features, centres), assign, overlap, max_size)
+    groups = [sorted(g) for g in members]
+    return sorted(groups, key=lambda g: (g[0] if g else num_classes, len(g)))
+
+
+def _add_overlap(
+    members: list[set[int]], distances: np.ndarray, assign: np.ndarray, overlap: int, max_size: int
+) -> None:
+    """Give each class ``overlap - 1`` more groups besides its own, minimising the total distance, with
+    no group past ``max_size``.
+
+    An exact b-matching: a small integer program (``scipy.optimize.milp``); its constraint matrix is a
+    bipartite incidence matrix, so the LP relaxation is already integral and HiGHS solves it fast.
+    """
+    from scipy import sparse
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    num_classes, num_groups = distances.shape
+    upper = np.ones((num_classes, num_groups))
+    upper[np.arange(num_classes), assign] = 0.0  # its own group already holds it
+    rows = np.repeat(np.arange(num_classes), num_groups)
+    per_class = sparse.csr_matrix(
+        (np.ones(rows.size), (rows, np.arange(rows.size))), (num_classes, rows.size)
+    )
+    cols = np.tile(np.arange(num_groups), num_classes)
+    per_group = sparse.csr_matrix((np.ones(cols.size), (cols, np.arange(cols.size))), (num_groups, cols.size))
+    room = np.array([max_size - len(m) for m in members], dtype=float)
+    result = milp(
+        distances.ravel(),
+        constraints=[
+            LinearConstraint(per_class, overlap - 1, overlap - 1),
+            LinearConstraint(per_group, 0, room),
+        ],
+        integrality=np.ones(rows.size),
+        bounds=Bounds(0, upper.ravel()),
+    )
+    if not result.success:
+        raise ValueError(
+            f"`overlap`={overlap} with `max_size`={max_size}: the classes cannot each join {overlap - 1} more "
+            f"groups ({result.message})."
+        )
+    chosen = np.flatnonzero(np.round(result.x) > 0)
+    for c, k in zip(*np.divmod(chosen, num_groups), strict=True):
+        members[int(k)].add(int(c))
+
+
+def drop_small_groups(groups: Sequence[Sequence[int]], min_size: int) -> list[list[int]]:
+    """The groups with at least ``min_size`` classes (a one-class specialist only re-learns a yes/no
+    decision the generalist already makes; its classes are left to the generalist).
+
+    Example:
+        >>> drop_small_groups([[0, 1], [2], [3, 4, 5]], 2)
+        [[0, 1], [3, 4, 5]]
+    """
+    return [list(g) for g in groups if len(g) >= min_size]
+
+
+def groups_to_labels(groups: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """Label vector of a partition (each class's first group; ``-1`` where a class is in no group).
+
+    Example:
+        >>> groups_to_labels([[2, 0], [1]], 4).tolist()
+        [0, 1, 0, -1]
+    """
+    labels = np.full(num_classes, -1)
+    for g, members in enumerate(groups):
+        for c in members:
+            if labels[c] < 0:
+                labels[c] = g
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------
+# The groups file (DESIGN.md contract)
+
+
+@dataclass
+class ClassGroups:
+    """Groups of classes, one specialist per group: the JSON groups file of DESIGN.md.
+
+    Args:
+        num_classes: size of the full label space.
+        class_names: one name per class.
+        groups: lists of class ids; each non-empty, without repeats, distinct from every other group.
+            Classes in no group are left to the generalist.
+        method: how the groups were found (matrix, clustering, ``K``, bounds, ...).
+        source: what they were found from (checkpoint, data fingerprint, epoch, ...).
+        matrix: the ``(C, C)`` matrix that was clustered, or ``None``.
+
+    Raises:
+        ValueError: on any inconsistency (see :meth:`validate`).
+    """
+
+    num_classes: int
+    class_names: list[str]
+    groups: list[list[int]]
+    method: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    matrix: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str = "groups") -> None:
+        """Check the file's consistency; every message names the field and what was given.
+
+        Raises:
+            ValueError: ``num_classes`` < 2; ``class_names`` of another length; no group; an empty
+                group; a class repeated in a group; two identical groups; a class id outside
+                ``[0, num_classes)``; a matrix of another shape.
+        """
+        c = self.num_classes
+        if not (isinstance(c, int) and c >= 2):
+            raise ValueError(f"{where}: `num_classes` must be an integer >= 2, got {c!r}.")
+        if len(self.class_names) != c:
+            raise ValueError(f"{where}: `class_names` has {len(self.class_names)} names for num_classes={c}.")
+        if not self.groups:
+            raise ValueError(f"{where}: `groups` is empty; expected at least one group of class ids.")
+        seen: dict[tuple[int, ...], int] = {}
+        for g, members in enumerate(self.groups):
+            if len(members) == 0:
+                raise ValueError(f"{where}: group {g} is empty; every group needs at least one class.")
+            bad = [x for x in members if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < c]
+            if bad:
+                raise ValueError(f"{where}: group {g} has class ids outside the label space [0, {c}): {bad}.")
+            if len(set(members)) != len(members):
+                raise ValueError(f"{where}: group {g} repeats a class: {list(members)}.")
+            key = tuple(sorted(members))
+            if key in seen:
+                raise ValueError(f"{where}: groups {seen[key]} and {g} are duplicates: {list(key)}.")
+            seen[key] = g
+        if self.matrix is not None and np.shape(self.matrix) != (c, c):
+            raise ValueError(f"{where}: `matrix` must be ({c}, {c}), got shape {np.shape(self.matrix)}.")
+
+    def group(self, g: int) -> list[int]:
+        """Class ids of group ``g``.
+
+        Raises:
+            ValueError: ``g`` is not a group id of this file.
+        """
+        if not (isinstance(g, int) and 0 <= g < len(self.groups)):
+            raise ValueError(f"`group` must be in [0, {len(self.groups)}) for this groups file, got {g!r}.")
+        return list(self.groups[g])
+
+    def membership(self) -> Tensor:
+        """``(K, C)`` bool tensor: ``[k, c]`` when class ``c`` is in group ``k``."""
+        out = torch.zeros(len(self.groups), self.num_classes, dtype=torch.bool)
+        for k, members in enumerate(self.groups):
+            out[k, list(members)] = True
+        return out
+
+    def named_groups(self) -> list[list[str]]:
+        """Each group as class names."""
+        return [[self.class_names[c] for c in g] for g in self.groups]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the file atomically (beside, then rename), so a crash never leaves half a file."""
+        self.validate()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"format_version": GROUPS_FORMAT_VERSION, **asdict(self)}, indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, num_classes: int | None = None) -> ClassGroups:
+        """Read and validate a groups file; with ``num_classes``, also check it is for that label space.
+
+        Raises:
+            FileNotFoundError: no file at ``path`` (the message names ``groups_file``).
+            ValueError: unreadable, inconsistent, or written for another number of classes.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"`groups_file`: no groups file at {str(path)!r}.")
+        try:
+            raw = json.loads(path.read_text())
+            raw.pop("format_version", None)
+            groups = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"`groups_file` {str(path)!r} is not a groups file: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"`groups_file` {str(path)!r}: {err}") from err
+        if num_classes is not None and groups.num_classes != num_classes:
+            raise ValueError(
+                f"`groups_file` {str(path)!r} is for {groups.num_classes} classes, but the data/model has "
+                f"num_classes={num_classes}."
+            )
+        return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Gathering predictions
+
+
+class PredictionCollector(Metric):
+    """Collects ``(index, probs, target)`` of a split, across processes, one row per sample.
+
+    Under DDP a DistributedSampler pads the last shard with repeats of real samples; they carry the
+    same ``index`` (the batch contract), so :meth:`compute` keeps one row per index and the result does
+    not depend on the number of processes. Rows come back sorted by index.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, index: Tensor, probs: Tensor, target: Tensor) -> None:
+        _check_probs(probs)
+        self.index.append(index.long())
+        self.probs.append(probs.float())
+        self.target.append(target.long())
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        # After a DDP sync the list states are already concatenated tensors.
+        if isinstance(self.index, list) and not self.index:
+            raise RuntimeError("PredictionCollector: no predictions were collected.")
+        index, probs, target = dim_zero_cat(self.index), dim_zero_cat(self.probs), dim_zero_cat(self.target)
+        keep = first_per_index(index)
+        return index[keep], probs[keep], target[keep]
+
+
+def first_per_index(index: Tensor) -> Tensor:
+    """Positions of the first occurrence of each distinct ``index``, in increasing order of index.
+
+    Example:
+        >>> first_per_index(torch.tensor([5, 2, 5, 2, 7])).tolist()
+        [1, 0, 4]
+    """
+    order = torch.argsort(index, stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    return order[first]

@@ -1,0 +1,449 @@
+"""Specialists: the KL-combination solver against closed forms and a gradient-descent reference, the
+dustbin correction, the oversampler, initialisation from the generalist, the ensemble, bad inputs and
+the training script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from datamodules import IndexedDataModule, Synthetic
+from datamodules.specialist import GroupOversampler, SpecialistDataModule
+from kd_lightning.clustering import ClassGroups
+from kd_lightning.models import MLP, SmallCNN
+from kd_lightning.modules import ClassifierModule, load_teacher
+from kd_lightning.specialists import (
+    SpecialistEnsemble,
+    SpecialistModule,
+    active_specialists,
+    average_specialists,
+    combination_objective,
+    dustbin_correction,
+    head_layer,
+    init_from_generalist,
+    kl_combination,
+    load_specialist,
+    oversampling_factor,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = partial(MLP, hidden=(16,))
+
+
+def random_probs(n: int, c: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    return (scale * torch.randn(n, c, generator=torch.Generator().manual_seed(seed))).softmax(-1)
+
+
+def random_problem(n: int = 64, seed: int = 0):
+    """A generalist over 12 classes and 4 overlapping specialists, each active where the top-3 meet it."""
+    pg = random_probs(n, 12, seed)
+    groups = [[0, 1, 2, 3], [3, 4, 5], [6, 7, 8, 9, 0], [10, 11, 5]]
+    specialists = [random_probs(n, len(g) + 1, seed + 1 + k) for k, g in enumerate(groups)]
+    membership = torch.zeros(len(groups), 12, dtype=torch.bool)
+    for k, g in enumerate(groups):
+        membership[k, g] = True
+    return pg, specialists, groups, active_specialists(pg, membership, top_n=3)
+
+
+# ------------------------------------------------------------------------------------------ solver
+
+
+def test_no_active_specialist_returns_the_generalist():
+    pg, specialists, groups, _ = random_problem()
+    none = torch.zeros(pg.shape[0], len(groups), dtype=torch.bool)
+    out = kl_combination(pg, specialists, groups, none)
+    torch.testing.assert_close(out.probs, pg, atol=1e-6, rtol=0)
+    assert out.iterations == 1 and out.converged.all()
+    assert out.objective.abs().max() < 1e-5
+
+
+def test_full_coverage_with_empty_dustbin_is_the_mean():
+    """A specialist over every class with an empty dustbin is a second full distribution: the minimiser
+    of KL(p_g || q) + KL(p_m || q) is their arithmetic mean."""
+    pg = random_probs(32, 6, 0)
+    pm = torch.cat([random_probs(32, 6, 1), torch.zeros(32, 1)], -1)
+    out = kl_combination(pg, [pm], [list(range(6))])
+    torch.testing.assert_close(out.probs, (pg + pm[:, :-1]) / 2, atol=1e-6, rtol=0)
+
+
+def test_one_specialist_matches_its_closed_form():
+    """One specialist over group G: q = (p_g + p_m) / 2 on G, and outside G the generalist's shape
+    scaled to the mass (p_g(not G) + p_m(dustbin)) / 2."""
+    pg = random_probs(16, 7, 2)
+    group = [1, 4, 5]
+    pm = random_probs(16, 4, 3)
+    out = kl_combination(pg, [pm], [group], tol=1e-12)
+    outside = torch.tensor([c not in group for c in range(7)])
+    expected = pg.clone()
+    expected[:, group] = (pg[:, group] + pm[:, :-1]) / 2
+    mass = (pg[:, outside].sum(-1, keepdim=True) + pm[:, -1:]) / 2
+    expected[:, outside] = pg[:, outside] / pg[:, outside].sum(-1, keepdim=True) * mass
+    torch.testing.assert_close(out.probs, expected, atol=1e-6, rtol=0)
+
+
+def test_objective_decreases_monotonically_and_matches_gradient_descent():
+    pg, specialists, groups, active = random_problem()
+    assert active.sum(-1).max() >= 2  # several specialists per input, overlapping groups
+    trace = torch.stack(
+        [kl_combination(pg, specialists, groups, active, max_iter=k, tol=0.0).objective for k in range(1, 40)]
+    )
+    assert (trace[1:] <= trace[:-1] + 1e-7).all()
+    solved = kl_combination(pg, specialists, groups, active, tol=1e-10)
+    assert solved.converged.all() and solved.iterations < 500
+    torch.testing.assert_close(solved.probs.sum(-1), torch.ones(pg.shape[0]), atol=1e-6, rtol=0)
+    # The paper's way: gradient descent on the logits z of q = softmax(z) (here L-BFGS, fp64).
+    z = pg.double().log().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [z], max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = combination_objective(z.softmax(-1), pg, specialists, groups, active).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    reference = z.detach().softmax(-1)
+    torch.testing.assert_close(solved.probs.double(), reference, atol=2e-4, rtol=0)
+    ours = combination_objective(solved.probs, pg, specialists, groups, active)
+    theirs = combination_objective(reference, pg, specialists, groups, active)
+    assert (ours <= theirs + 1e-6).all()
+
+
+def test_batched_equals_one_input_at_a_time():
+    pg, specialists, groups, active = random_problem(n=8, seed=5)
+    batched = kl_combination(pg, specialists, groups, active, tol=1e-10).probs
+    for i in range(8):
+        single = kl_combination(
+            pg[i : i + 1], [p[i : i + 1] for p in specialists], groups, active[i : i + 1], tol=1e-10
+        )
+        torch.testing.assert_close(batched[i : i + 1], single.probs, atol=1e-6, rtol=0)
+
+
+def test_average_of_the_most_confident_specialists():
+    pg = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    groups = [[0, 1], [1, 2]]
+    pa = torch.tensor([[0.6, 0.2, 0.2]])  # confidence 0.6
+    pb = torch.tensor([[0.9, 0.05, 0.05]])  # confidence 0.9: class 1
+    both = torch.tensor([[True, True]])
+    top1 = average_specialists(pg, [pa, pb], groups, both, top=1)
+    assert top1.argmax().item() == 1 and top1[0, 1].item() == pytest.approx(0.9)
+    top2 = average_specialists(pg, [pa, pb], groups, both, top=2)
+    torch.testing.assert_close(top2.sum(-1), torch.ones(1))
+    assert torch.equal(average_specialists(pg, [pa, pb], groups, torch.zeros(1, 2, dtype=torch.bool)), pg)
+
+
+def test_solver_input_errors():
+    pg = random_probs(4, 5, 0)
+    with pytest.raises(ValueError, match=r"`specialist_probs\[0\]` must have shape \(4, 3\)"):
+        kl_combination(pg, [random_probs(4, 4, 1)], [[0, 1]])
+    with pytest.raises(ValueError, match="one group per specialist"):
+        kl_combination(pg, [random_probs(4, 3, 1)], [[0, 1], [2]])
+    with pytest.raises(ValueError, match=r"`top_n` must be an integer in \[1, 5\]"):
+        active_specialists(pg, torch.ones(1, 5, dtype=torch.bool), 0)
+
+
+# --------------------------------------------------------------------------------- dustbin, sampler
+
+
+def test_dustbin_correction_is_the_log_oversampling_factor_and_the_bayes_prior_shift():
+    f, r = 0.1, 0.5
+    assert dustbin_correction(f, r) == pytest.approx(math.log(oversampling_factor(f, r)))
+    assert oversampling_factor(f, r) == pytest.approx((r / (1 - r)) / (f / (1 - f)))
+    # A Bayes classifier of the training batches, corrected, is the Bayes classifier of the data.
+    likelihood = torch.rand(
+        10, 4, generator=torch.Generator().manual_seed(0)
+    )  # p(x | y): 3 group labels + dustbin
+    prior = torch.tensor([0.04, 0.03, 0.03, 0.9])  # group share f = 0.1
+    train_prior = torch.cat([prior[:3] / 0.1 * r, torch.tensor([1 - r])])
+    natural = (likelihood * prior).log().log_softmax(-1)
+    trained = (likelihood * train_prior).log()
+    corrected = trained + torch.tensor([0.0, 0.0, 0.0, dustbin_correction(0.1, r)])
+    torch.testing.assert_close(corrected.log_softmax(-1), natural)
+    with pytest.raises(ValueError, match=r"`batch_fraction` must lie in \(0, 1\)"):
+        oversampling_factor(0.1, 1.0)
+
+
+def test_oversampler_proportion_determinism_and_coverage():
+    targets = torch.arange(200) % 10  # 10 classes, 20 samples each
+    sampler = GroupOversampler(targets, classes=[2, 7], group_fraction=0.5, seed=3)
+    first = list(sampler)
+    in_group = sum(int(targets[i]) in (2, 7) for i in first)
+    assert len(first) == 200 and in_group == 100
+    assert sampler.data_fraction == pytest.approx(0.2) and sampler.batch_fraction == 0.5
+    # Every group sample is drawn 2 or 3 times (whole permutations first), never favoured.
+    counts = torch.bincount(torch.tensor(first), minlength=200)[(targets == 2) | (targets == 7)]
+    assert counts.min() >= 2 and counts.max() <= 3
+    assert list(sampler) == first  # same seed and epoch: same order on every process
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    with pytest.raises(ValueError, match="no sample outside the group"):
+        GroupOversampler(targets, classes=list(range(10)))
+    with pytest.raises(
+        ValueError, match=r"`oversample` \(the group's share of each batch\) must lie in \(0, 1\)"
+    ):
+        GroupOversampler(targets, classes=[1], group_fraction=1.5)
+
+
+# -------------------------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("factory", [NET, partial(SmallCNN, channels=(4,), head=16)], ids=["mlp", "cnn"])
+def test_specialist_reproduces_the_generalist_group_logits(tmp_path, tiny_dm, factory):
+    """Before any training, the specialist's logits of its group's classes are the generalist's (BatchNorm
+    statistics included); the dustbin has no correction yet."""
+    L.seed_everything(0)
+    generalist = ClassifierModule(factory, 6, (1, 8, 8))
+    trainer = quiet(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(generalist, tiny_dm(num_classes=6))  # a few steps: non-trivial weights and BN statistics
+    trainer.save_checkpoint(tmp_path / "generalist.ckpt")
+    group = [4, 1, 3]
+    specialist = SpecialistModule(
+        factory, 6, (1, 8, 8), classes=group, generalist_ckpt=str(tmp_path / "generalist.ckpt")
+    )
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = load_teacher(tmp_path / "generalist.ckpt")(x)[:, group]
+        got = specialist.eval()(x)
+    torch.testing.assert_close(got[:, :3], expected)
+    assert got.shape == (5, 4) and float(specialist.dustbin_shift) == 0.0
+
+
+def test_head_rule():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert head_layer(net) == ("2", net[2])
+    with pytest.raises(ValueError, match="has no nn.Linear"):
+        head_layer(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError, match="outputs 8 logits, expected 4"):
+        init_from_generalist(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 8)), net, [0, 1, 2])
+    with pytest.raises(ValueError, match="must be the generalist's architecture"):
+        init_from_generalist(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)), net, [0, 1])
+    with pytest.raises(ValueError, match="the head must output the logits"):
+        SpecialistModule(
+            lambda shape, n: nn.Sequential(nn.Linear(8, n), nn.Linear(n, 2)), 6, (8,), classes=[0, 1, 2]
+        )
+
+
+# ------------------------------------------------------------------------ training and the ensemble
+
+
+def tiny_source() -> Synthetic:
+    return Synthetic(
+        num_superclasses=3, classes_per_superclass=2, dim=8, train_per_class=40, test_per_class=10
+    )
+
+
+def quiet(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A generalist on 6 classes, a groups file {0,1}, {2,3}, and one specialist per group."""
+    L.seed_everything(0)
+    source = tiny_source()
+    data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=40)
+    generalist = ClassifierModule(NET, 6, (8,))
+    trainer = quiet(tmp_path, max_epochs=3)
+    trainer.fit(generalist, data)
+    trainer.save_checkpoint(tmp_path / "generalist.ckpt")
+    groups_file = ClassGroups(6, source.class_names, [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
+    checkpoints = []
+    for g in range(2):
+        specialist = SpecialistModule(
+            NET,
+            6,
+            (8,),
+            groups_file=str(groups_file),
+            group=g,
+            generalist_ckpt=str(tmp_path / "generalist.ckpt"),
+            soft_weight=0.5 if g else 0.0,
+        )
+        trainer = quiet(tmp_path, max_steps=4, limit_val_batches=1)
+        trainer.fit(specialist, SpecialistDataModule(source, batch_size=32, eval_batch_size=64, val_size=40))
+        trainer.save_checkpoint(tmp_path / f"group{g}.ckpt")
+        checkpoints.append(tmp_path / f"group{g}.ckpt")
+        assert torch.isfinite(trainer.callback_metrics["train/loss"])
+        if g:
+            assert "train/soft" in trainer.callback_metrics
+    return {
+        "source": source,
+        "data": data,
+        "groups": groups_file,
+        "checkpoints": checkpoints,
+        "dir": tmp_path,
+    }
+
+
+def test_specialist_training_sets_the_dustbin_correction(trained):
+    specialist = load_specialist(trained["checkpoints"][0])
+    f = 2 / 6  # two of six balanced classes (the split is random: compare with the sampler's own numbers)
+    assert float(specialist.dustbin_shift) == pytest.approx(math.log(oversampling_factor(f, 0.5)), abs=0.1)
+    checkpoint = torch.load(trained["checkpoints"][1], weights_only=False)
+    assert not any(
+        k.startswith("generalist.") for k in checkpoint["state_dict"]
+    )  # soft-target teacher left out
+    assert checkpoint["kd_lightning_specialist"]["classes"] == [2, 3]
+    # The checkpoint alone is enough: no groups file, no generalist.
+    trained["groups"].unlink()
+    assert load_specialist(trained["checkpoints"][1]).group_classes == [2, 3]
+
+
+def test_correction_equals_the_samplers_log_oversampling_factor(tmp_path):
+    source = tiny_source()
+    data = SpecialistDataModule(source, batch_size=16, val_size=40, oversample=0.75, classes=[5])
+    specialist = SpecialistModule(NET, 6, (8,), classes=[5])
+    quiet(tmp_path, max_steps=1, limit_val_batches=0).fit(specialist, data)
+    sampling = data.group_sampling
+    assert sampling.batch_fraction == pytest.approx(0.75, abs=1e-2)
+    assert float(specialist.dustbin_shift) == pytest.approx(
+        math.log(oversampling_factor(sampling.data_fraction, sampling.batch_fraction)), rel=1e-6
+    )
+    batch = next(iter(data.train_dataloader()))
+    batch = data.on_before_batch_transfer(batch, 0)
+    assert torch.equal(batch["specialist_target"], torch.where(batch["target"] == 5, 0, 1))
+
+
+def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
+    d = trained
+    ensemble = SpecialistEnsemble(
+        str(d["dir"] / "generalist.ckpt"), [str(p) for p in d["checkpoints"]], str(d["groups"])
+    )
+    metrics = quiet(tmp_path).test(ensemble, d["data"], verbose=False)[0]
+    for key in (
+        "test/acc",
+        "test/acc_generalist",
+        "test/acc_average",
+        "test/cond_acc",
+        "test/cond_acc_generalist",
+        "test/specialists_per_input",
+        "test/cost",
+        "test/acc_cover0",
+        "test/acc_cover1",
+    ):
+        assert key in metrics, key
+    report = ensemble.report
+    assert report["count"] == 60 and report["cond_count"] == 40  # 4 of 6 classes are covered
+    assert [row["cover"] for row in report["by_cover"]] == [0, 1]
+    assert 1.0 <= report["cost"] <= 3.0 and report["specialists_per_input"] <= 1.0
+    log_q = ensemble(torch.randn(3, 8))
+    torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(3), atol=1e-5, rtol=0)
+
+    # A specialist checkpoint for another group of another groups file.
+    other = ClassGroups(6, d["source"].class_names, [[0, 1], [4, 5]]).save(tmp_path / "other.json")
+    with pytest.raises(
+        ValueError,
+        match=r"is a specialist for group 1 with classes \[2, 3\], but group 1 of `groups_file` is \[4, 5\]",
+    ):
+        SpecialistEnsemble(str(d["dir"] / "generalist.ckpt"), [str(d["checkpoints"][1])], str(other))
+    with pytest.raises(ValueError, match="are both for group 0"):
+        SpecialistEnsemble(
+            str(d["dir"] / "generalist.ckpt"), [str(d["checkpoints"][0])] * 2, str(d["groups"])
+        )
+    with pytest.raises(ValueError, match="is not a specialist checkpoint"):
+        SpecialistEnsemble(
+            str(d["dir"] / "generalist.ckpt"), [str(d["dir"] / "generalist.ckpt")], str(d["groups"])
+        )
+    ten = ClassGroups(10, [str(i) for i in range(10)], [[0, 1]]).save(tmp_path / "ten.json")
+    with pytest.raises(ValueError, match="is for 10 classes, but the data/model has num_classes=6"):
+        SpecialistEnsemble(str(d["dir"] / "generalist.ckpt"), [str(d["checkpoints"][0])], str(ten))
+
+
+def test_specialist_bad_inputs(tmp_path):
+    groups = ClassGroups(6, list("abcdef"), [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
+    with pytest.raises(ValueError, match="is for 6 classes, but the data/model has num_classes=10"):
+        SpecialistModule(NET, 10, (8,), groups_file=str(groups))
+    with pytest.raises(ValueError, match=r"`group` must be in \[0, 2\) for this groups file, got 2"):
+        SpecialistModule(NET, 6, (8,), groups_file=str(groups), group=2)
+    with pytest.raises(ValueError, match="either `groups_file` .* or `classes`"):
+        SpecialistModule(NET, 6, (8,), groups_file=str(groups), classes=[0])
+    with pytest.raises(ValueError, match=r"outside the label space \[0, 6\): \[6\]"):
+        SpecialistModule(NET, 6, (8,), classes=[0, 6])
+    with pytest.raises(ValueError, match="covers all 6 classes"):
+        SpecialistModule(NET, 6, (8,), classes=list(range(6)))
+    with pytest.raises(ValueError, match="needs the generalist"):
+        SpecialistModule(NET, 6, (8,), classes=[0], soft_weight=0.5)
+    with pytest.raises(FileNotFoundError, match="`generalist_ckpt`: no checkpoint file"):
+        SpecialistModule(NET, 6, (8,), classes=[0], generalist_ckpt=str(tmp_path / "none.ckpt"))
+    # The DataModule oversamples another group than the model is for.
+    data = SpecialistDataModule(tiny_source(), batch_size=16, val_size=40, classes=[4])
+    with pytest.raises(
+        ValueError, match=r"oversamples classes \[4\], but this specialist is for group 0 = \[0\]"
+    ):
+        quiet(tmp_path, max_steps=1).fit(SpecialistModule(NET, 6, (8,), classes=[0]), data)
+
+
+# ------------------------------------------------------------------------------------------ script
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "train_specialists", ROOT / "scripts" / "train_specialists.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIG = """
+seed_everything: 1
+trainer:
+  max_steps: 3
+  accelerator: cpu
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 1
+model:
+  class_path: kd_lightning.specialists.SpecialistModule
+  init_args:
+    net: {class_path: kd_lightning.models.MLP, init_args: {hidden: [16]}}
+    groups_file: groups.json
+    generalist_ckpt: generalist.ckpt
+data:
+  class_path: datamodules.specialist.SpecialistDataModule
+  init_args:
+    source:
+      class_path: datamodules.Synthetic
+      init_args: {num_superclasses: 3, classes_per_superclass: 2, dim: 8, train_per_class: 40, test_per_class: 10}
+    batch_size: 32
+    eval_batch_size: 64
+    val_size: 40
+"""
+
+
+def test_train_specialists_script(trained, capsys):
+    d = trained["dir"]
+    (d / "specialist.yaml").write_text(CONFIG)
+    script = _script()
+    base = ["--config", str(d / "specialist.yaml"), "--workdir", str(d), "--out", str(d / "out")]
+    assert script.main([*base, "--count"]) == {"count": 2}
+    assert capsys.readouterr().out.strip() == "2"
+    one = script.main([*base, "--group", "1"])  # what one SLURM array task runs
+    assert [r["group"] for r in one["specialists"]] == [1] and (d / "out" / "group1.ckpt").is_file()
+    everything = script.main([*base, "--evaluate"])  # group 1 is reused, group 0 trained, then scored
+    assert [r["reused"] for r in everything["specialists"]] == [False, True]
+    report = json.loads((d / "out" / "report.json").read_text())
+    assert set(report["acc"]) == {"generalist", "kl", "average"} and report["groups"] == [[0, 1], [2, 3]]
+    assert "| generalist + specialists (KL) |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"`group` must be in \[0, 2\)"):
+        script.main([*base, "--group", "5"])
