@@ -25,7 +25,7 @@ from kd_lightning.pipeline import format_table, run_stage  # noqa: E402
 STAGES = [
     ("teacher (CNN)", "teacher.yaml"),
     ("student alone (MLP)", "student.yaml"),
-    ("distilled student (MLP)", "distill.yaml"),
+    ("distilled student (MLP, cached soft targets)", "distill_cached.yaml"),
 ]
 
 
