@@ -63,12 +63,13 @@ def main() -> None:
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--workdir", default=str(ROOT))
     parser.add_argument("--force", action="store_true", help="recompute finished runs")
-    parser.add_argument("overrides", nargs="*", help="kd arguments for every run, after --")
+    parser.add_argument("overrides", nargs="*", help="kd arguments for every student run, after --")
     args = parser.parse_args()
 
     start = time.perf_counter()
     workdir = Path(args.workdir)
-    teacher = run_stage("teacher", CONFIGS / "teacher.yaml", workdir, args.overrides, args.force)
+    # The teacher stage takes no overrides, so that the main job's finished teacher is reused.
+    teacher = run_stage("teacher", CONFIGS / "teacher.yaml", workdir, force=args.force)
     print(
         f"\nteacher (SmallCNN, {teacher.params:,} params): {100 * teacher.test_acc:.2f}% test accuracy",
         flush=True,
