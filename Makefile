@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ demo: setup ## the main job: teacher, student alone, distilled student on Fashio
 
 benchmark: setup ## KD benchmark: one teacher, 3 student seeds alone vs distilled
 	$(BIN)/python scripts/benchmark_kd.py
+
+benchmark-cache: setup ## soft-target cache: epoch time, build throughput, bytes and accuracy per format
+	$(BIN)/python scripts/benchmark_cache.py
+
+benchmark-specialists: setup ## generalist + specialists on synthetic data and Fashion-MNIST
+	$(BIN)/python scripts/benchmark_specialists.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
