@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import warnings
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from trainers import quiet_trainer
 
 from datamodules.base import ClassificationSource, IndexedDataModule
 
@@ -47,19 +47,6 @@ def tiny_dm():
         return IndexedDataModule(TinySource(num_classes), **kwargs)
 
     return make
-
-
-def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 @pytest.fixture

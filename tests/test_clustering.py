@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, confusion_matrix
 from torch.utils.data import TensorDataset
+from trainers import quiet_trainer
 
 from callbacks.confusion_clustering import ConfusionClustering
 from datamodules import IndexedDataModule, Synthetic
@@ -211,18 +212,6 @@ def test_heatmap_is_written(tmp_path):
 # --------------------------------------------------------------------------------------- acceptance
 
 
-def _quiet(tmp_path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
-
-
 def test_trained_generalist_recovers_planted_groups(tmp_path):
     """50 classes in 10 planted super-classes, labels permuted: the callback's groups after training an
     MLP generalist match the planted ones with adjusted Rand index >= 0.9."""
@@ -233,7 +222,7 @@ def test_trained_generalist_recovers_planted_groups(tmp_path):
         partial(MLP, hidden=(64,)), 50, (32,), optimizer=partial(torch.optim.AdamW, lr=3e-3)
     )
     callback = ConfusionClustering(10, str(tmp_path / "groups.json"), every_n_epochs=4)
-    _quiet(tmp_path, max_epochs=8, callbacks=[callback]).fit(model, data)
+    quiet_trainer(tmp_path, max_epochs=8, callbacks=[callback]).fit(model, data)
 
     groups = ClassGroups.load(tmp_path / "groups.json", num_classes=50)
     ari = adjusted_rand_score(source.planted, groups_to_labels(groups.groups, 50))
@@ -254,14 +243,14 @@ def test_dedicated_validate_run(tmp_path):
     data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=60)
     model = ClassifierModule(partial(MLP, hidden=(8,)), 6, (8,))
     callback = ConfusionClustering(2, str(tmp_path / "groups.json"), min_specialist_size=1, plot=False)
-    _quiet(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
+    quiet_trainer(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
     groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)
     assert sorted(c for g in groups.groups for c in g) == list(range(6))
     assert groups.source["global_step"] == 0 and not (tmp_path / "groups.png").exists()
     # Six groups of six classes are all singletons: none is worth a specialist.
     singletons = ConfusionClustering(6, str(tmp_path / "none.json"), min_specialist_size=2)
     with pytest.raises(ValueError, match="smaller than `min_specialist_size`=2"):
-        _quiet(tmp_path, callbacks=[singletons]).validate(model, data, verbose=False)
+        quiet_trainer(tmp_path, callbacks=[singletons]).validate(model, data, verbose=False)
 
 
 def test_bad_callback_arguments():
@@ -282,7 +271,7 @@ def _validate_groups(tmp_path, devices: int, name: str) -> dict:
     model = ClassifierModule(partial(MLP, hidden=(8,)), 9, (8,))
     callback = ConfusionClustering(3, str(tmp_path / f"{name}.json"), plot=False)
     strategy = "ddp_spawn" if devices > 1 else "auto"
-    _quiet(tmp_path, devices=devices, strategy=strategy, callbacks=[callback]).validate(
+    quiet_trainer(tmp_path, devices=devices, strategy=strategy, callbacks=[callback]).validate(
         model, data, verbose=False
     )
     return json.loads((tmp_path / f"{name}.json").read_text())

@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from trainers import quiet_trainer
 
 from datamodules import IndexedDataModule, Synthetic
 from datamodules.specialist import GroupOversampler, SpecialistDataModule
@@ -204,7 +205,7 @@ def test_specialist_reproduces_the_generalist_group_logits(tmp_path, tiny_dm, fa
     statistics included); the dustbin has no correction yet."""
     L.seed_everything(0)
     generalist = ClassifierModule(factory, 6, (1, 8, 8))
-    trainer = quiet(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(generalist, tiny_dm(num_classes=6))  # a few steps: non-trivial weights and BN statistics
     trainer.save_checkpoint(tmp_path / "generalist.ckpt")
     group = [4, 1, 3]
@@ -243,18 +244,6 @@ def tiny_source() -> Synthetic:
     )
 
 
-def quiet(tmp_path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
 @pytest.fixture
 def trained(tmp_path):
     """A generalist on 6 classes, a groups file {0,1}, {2,3}, and one specialist per group."""
@@ -262,7 +251,7 @@ def trained(tmp_path):
     source = tiny_source()
     data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=40)
     generalist = ClassifierModule(NET, 6, (8,))
-    trainer = quiet(tmp_path, max_epochs=3)
+    trainer = quiet_trainer(tmp_path, max_epochs=3)
     trainer.fit(generalist, data)
     trainer.save_checkpoint(tmp_path / "generalist.ckpt")
     groups_file = ClassGroups(6, source.class_names, [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
@@ -277,7 +266,7 @@ def trained(tmp_path):
             generalist_ckpt=str(tmp_path / "generalist.ckpt"),
             soft_weight=0.5 if g else 0.0,
         )
-        trainer = quiet(tmp_path, max_steps=4, limit_val_batches=1)
+        trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=1)
         trainer.fit(specialist, SpecialistDataModule(source, batch_size=32, eval_batch_size=64, val_size=40))
         trainer.save_checkpoint(tmp_path / f"group{g}.ckpt")
         checkpoints.append(tmp_path / f"group{g}.ckpt")
@@ -311,7 +300,7 @@ def test_correction_equals_the_samplers_log_oversampling_factor(tmp_path):
     source = tiny_source()
     data = SpecialistDataModule(source, batch_size=16, val_size=40, oversample=0.75, classes=[5])
     specialist = SpecialistModule(NET, 6, (8,), classes=[5])
-    quiet(tmp_path, max_steps=1, limit_val_batches=0).fit(specialist, data)
+    quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(specialist, data)
     sampling = data.group_sampling
     assert sampling.batch_fraction == pytest.approx(0.75, abs=1e-2)
     assert float(specialist.dustbin_shift) == pytest.approx(
@@ -327,7 +316,7 @@ def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
     ensemble = SpecialistEnsemble(
         str(d["dir"] / "generalist.ckpt"), [str(p) for p in d["checkpoints"]], str(d["groups"])
     )
-    metrics = quiet(tmp_path).test(ensemble, d["data"], verbose=False)[0]
+    metrics = quiet_trainer(tmp_path).test(ensemble, d["data"], verbose=False)[0]
     for key in (
         "test/acc",
         "test/acc_generalist",
@@ -388,7 +377,7 @@ def test_specialist_bad_inputs(tmp_path):
     with pytest.raises(
         ValueError, match=r"oversamples classes \[4\], but this specialist is for group 0 = \[0\]"
     ):
-        quiet(tmp_path, max_steps=1).fit(SpecialistModule(NET, 6, (8,), classes=[0]), data)
+        quiet_trainer(tmp_path, max_steps=1).fit(SpecialistModule(NET, 6, (8,), classes=[0]), data)
 
 
 # ------------------------------------------------------------------------------------------ script
