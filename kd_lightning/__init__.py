@@ -1,5 +1,6 @@
 """kd-lightning: knowledge distillation on PyTorch Lightning."""
 
+from kd_lightning.ensemble import Ensemble, EnsembleModule, combine_logits
 from kd_lightning.losses import distillation_loss, dkd_loss, logit_matching_loss, soft_target_loss
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher
@@ -10,10 +11,13 @@ __all__ = [
     "MLP",
     "ClassifierModule",
     "DistillationModule",
+    "Ensemble",
+    "EnsembleModule",
     "HintonKD",
     "LogitMatching",
     "Objective",
     "SmallCNN",
+    "combine_logits",
     "distillation_loss",
     "dkd_loss",
     "load_teacher",

@@ -108,3 +108,70 @@ def format_table(rows: Sequence[StageResult]) -> str:
             f"| {r.name} | {100 * r.test_acc:.2f} | {r.params:,} | {r.fit_seconds:.0f} | {'yes' if r.reused else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def member_dir(out: str | Path, member: int) -> Path:
+    """Directory of ensemble member ``member`` under ``out``: ``out/member_<k>``."""
+    return Path(out) / f"member_{member}"
+
+
+def member_overrides(
+    member: int, out: str | Path, seed_base: int = 0, vary: tuple[str, Sequence[str]] | None = None
+) -> list[str]:
+    """The ``kd`` arguments that make run ``member`` of a config an ensemble member of its own.
+
+    Member ``k`` gets seed ``seed_base + k`` and its own directory (root, checkpoint, logs); with
+    ``vary=(key, values)`` also ``--<key>=values[k]`` (e.g. a width per member). The config's
+    ModelCheckpoint must be its last callback: ``--trainer.callbacks.dirpath`` sets the last one's.
+
+    Raises:
+        ValueError: ``member`` is negative, or ``vary`` has no value for it.
+    """
+    if member < 0:
+        raise ValueError(f"`member` must be >= 0, got {member}.")
+    d = member_dir(out, member)
+    args = [
+        f"--seed_everything={seed_base + member}",
+        f"--trainer.default_root_dir={d}",
+        f"--trainer.callbacks.dirpath={d / 'checkpoints'}",
+        f"--trainer.logger.init_args.save_dir={d}",
+    ]
+    if vary is not None:
+        key, values = vary
+        if member >= len(values):
+            raise ValueError(f"`vary` {key!r} has {len(values)} values, none for member {member}.")
+        args.append(f"--{key.removeprefix('--')}={values[member]}")
+    return args
+
+
+def train_members(
+    config: str | Path,
+    members: Sequence[int],
+    out: str | Path,
+    workdir: str | Path = ".",
+    seed_base: int = 0,
+    vary: tuple[str, Sequence[str]] | None = None,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    name: str = "member",
+) -> list[StageResult]:
+    """Train ensemble members of one config one after another (finished members are reused).
+
+    Args:
+        config: a ``kd`` config of one classifier.
+        members: which members to train (``range(N)`` for N members; one id for one array task).
+        out: directory of the members (relative paths resolve against ``workdir``).
+        workdir: where the config's relative paths resolve.
+        seed_base: member ``k`` is seeded ``seed_base + k``.
+        vary: ``(key, values)``: member ``k`` also gets ``--key=values[k]``.
+        overrides: ``kd`` arguments for every member (before the member's own).
+        force: retrain finished members.
+        name: label of the members in tables.
+    """
+    from kd_lightning.progress import progress
+
+    results: list[StageResult] = []
+    for k in progress(list(members), desc="ensemble members", unit="member"):
+        args = [*overrides, *member_overrides(k, out, seed_base, vary)]
+        results.append(run_stage(f"{name} {k}", config, workdir, args, force))
+    return results

@@ -1,0 +1,230 @@
+"""Ensembles: combination rules against hand computation, one-member identity, FLOPs, teacher use, errors."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from callbacks import SoftTargetCache
+from datamodules import FashionMNIST
+from kd_lightning.costs import forward_flops, measure_latency
+from kd_lightning.ensemble import (
+    RULES,
+    Ensemble,
+    EnsembleModule,
+    classification_metrics,
+    combine_logits,
+)
+from kd_lightning.models import MLP, SmallCNN
+from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.pipeline import member_overrides, train_members
+from kd_lightning.store import SoftTargetStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the three rules --------------------------------------------------------------------------------
+
+
+def test_rules_by_hand_two_members_two_classes():
+    z = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]]])  # member 1: (2, 0), member 2: (0, 0)
+    e2 = math.exp(2.0)
+    p1 = [e2 / (e2 + 1), 1 / (e2 + 1)]
+    mean_probs = [(p1[0] + 0.5) / 2, (p1[1] + 0.5) / 2]
+    mean_logits = [math.e / (math.e + 1), 1 / (math.e + 1)]  # softmax of (1, 0)
+    g = [math.sqrt(p1[0] * 0.5), math.sqrt(p1[1] * 0.5)]
+    geometric = [g[0] / sum(g), g[1] / sum(g)]
+    for rule, expected in [
+        ("mean_probs", mean_probs),
+        ("mean_logits", mean_logits),
+        ("geometric", geometric),
+    ]:
+        got = combine_logits(z, rule).exp()[0].tolist()
+        assert got == pytest.approx(expected, abs=1e-6), rule
+
+
+def test_rules_against_numpy_reference():
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=3.0, size=(3, 5, 7))
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    ref = {
+        "mean_probs": p.mean(0),
+        "mean_logits": np.exp(z.mean(0)) / np.exp(z.mean(0)).sum(-1, keepdims=True),
+        "geometric": np.prod(p, 0) ** (1 / 3) / (np.prod(p, 0) ** (1 / 3)).sum(-1, keepdims=True),
+    }
+    for rule in RULES:
+        got = combine_logits(torch.tensor(z, dtype=torch.float32), rule).exp().numpy()
+        np.testing.assert_allclose(got, ref[rule], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
+    # The renormalised geometric mean of softmax members is the softmax of the mean logits.
+    np.testing.assert_allclose(ref["geometric"], ref["mean_logits"], rtol=1e-10)
+
+
+def test_mean_probs_does_not_underflow():
+    z = torch.tensor([[[0.0, -200.0]], [[0.0, -300.0]]])
+    out = combine_logits(z, "mean_probs")
+    assert torch.isfinite(out).all() and out[0, 1] == pytest.approx(-200.0 - math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_one_member_ensemble_equals_the_member(rule):
+    torch.manual_seed(0)
+    member = MLP((1, 8, 8), 4, hidden=(16,))
+    x = torch.randn(10, 1, 8, 8)
+    ens = Ensemble(members=[member], rule=rule, input_shape=(1, 8, 8))
+    torch.testing.assert_close(ens(x), torch.log_softmax(member(x), -1))
+
+
+def test_one_member_ensemble_module_scores_like_the_member(tmp_path, tiny_dm, trainer_factory):
+    ckpt = _tiny_member(tmp_path, tiny_dm, trainer_factory, seed=0)
+    member = ClassifierModule.load_from_checkpoint(ckpt, weights_only=False)
+    alone = trainer_factory().test(member, datamodule=tiny_dm(), verbose=False)[0]
+    ens = EnsembleModule(4, (1, 8, 8), checkpoints=[str(ckpt)])
+    scored = trainer_factory().test(ens, datamodule=tiny_dm(), verbose=False)[0]
+    assert scored["test/acc"] == pytest.approx(alone["test/acc"])
+    assert scored["test/member_acc_0"] == pytest.approx(alone["test/acc"])
+    assert scored["test/loss"] == pytest.approx(alone["test/loss"], rel=1e-5)
+    assert scored["test/flops_per_example"] == forward_flops(member.net, (1, 8, 8))
+
+
+def test_classification_metrics_by_hand():
+    log_probs = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]))
+    target = torch.tensor([0, 1, 1])
+    m = classification_metrics(log_probs, target, n_bins=10)
+    assert m["acc"] == pytest.approx(2 / 3)
+    assert m["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.8)) / 3, rel=1e-6)
+    # one sample per bin: |confidence - correct| averaged: (0.1 + 0.6 + 0.2) / 3
+    assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.2) / 3, rel=1e-5)
+
+
+# --- cost ---------------------------------------------------------------------------------------------
+
+
+def test_flops_of_known_layer_stacks():
+    h = 32
+    assert forward_flops(MLP((1, 28, 28), 10, hidden=(h, h)), (1, 28, 28)) == 2 * (784 * h + h * h + h * 10)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    assert forward_flops(conv, (3, 6, 6)) == 2 * (3 * 8 * 9 * 6 * 6) + 2 * (8 * 6 * 6 * 5)
+    cnn = SmallCNN((1, 8, 8), 4, channels=(4,), head=8)
+    analytic = 2 * (1 * 4 * 9 * 64 + 4 * 4 * 9 * 64) + 2 * (4 * 4 * 4 * 8 + 8 * 4)
+    assert forward_flops(cnn, (1, 8, 8)) == analytic
+
+
+def test_ensemble_flops_add_up_and_latency_is_measured():
+    members = [MLP((1, 8, 8), 4, hidden=(16,)), MLP((1, 8, 8), 4, hidden=(32,))]
+    ens = Ensemble(members=members, input_shape=(1, 8, 8))
+    assert forward_flops(ens, (1, 8, 8)) == sum(forward_flops(m, (1, 8, 8)) for m in members)
+    assert 0 < measure_latency(ens, (1, 8, 8), batch_size=8, repeats=3, warmup=1) < 1.0
+    with pytest.raises(ValueError, match="`batch_size`"):
+        measure_latency(ens, (1, 8, 8), batch_size=0)
+
+
+# --- as a teacher -------------------------------------------------------------------------------------
+
+
+def _tiny_member(tmp_path, tiny_dm, trainer_factory, seed: int) -> Path:
+    torch.manual_seed(seed)
+    module = ClassifierModule(partial(MLP, hidden=(16,)), 4, (1, 8, 8))
+    trainer = trainer_factory(max_epochs=2)
+    trainer.fit(module, datamodule=tiny_dm())
+    path = tmp_path / f"member_{seed}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_ensemble_teacher_distils_a_tiny_student_live_and_cached(tmp_path, tiny_dm, trainer_factory):
+    ckpts = [str(_tiny_member(tmp_path, tiny_dm, trainer_factory, s)) for s in (0, 1)]
+    teacher = Ensemble(checkpoints=ckpts)
+    before = [p.clone() for p in teacher.parameters()]
+    student = DistillationModule(partial(MLP, hidden=(16,)), 4, (1, 8, 8), teacher=teacher)
+    trainer = trainer_factory(max_epochs=2)
+    trainer.fit(student, datamodule=tiny_dm())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0.0 <= float(trainer.callback_metrics["val/agreement"]) <= 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert not any(p.requires_grad for p in student.teacher.parameters())
+
+    # Through the soft-target cache: the store holds the ensemble's log-probabilities.
+    cache = SoftTargetCache(path=str(tmp_path / "store"), splits=["train"])
+    cached = DistillationModule(partial(MLP, hidden=(16,)), 4, (1, 8, 8), teacher=Ensemble(checkpoints=ckpts))
+    trainer = trainer_factory(max_epochs=1, callbacks=[cache])
+    trainer.fit(cached, datamodule=tiny_dm())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    dm = tiny_dm()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        expected = teacher(batch["input"])
+    stored = SoftTargetStore.open(tmp_path / "store" / "train").lookup(batch["index"])
+    torch.testing.assert_close(stored, expected, atol=2e-2, rtol=0)  # float16 store
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_bad_members_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="`members` is empty"):
+        Ensemble(members=[], input_shape=(4,))
+    with pytest.raises(ValueError, match=r"number of classes \(member 0: 3, member 1: 5\)"):
+        Ensemble(members=[nn.Linear(4, 3), nn.Linear(4, 5)], input_shape=(4,))
+    a = ClassifierModule(partial(MLP, hidden=(8,)), 3, (1, 8, 8))
+    b = ClassifierModule(partial(MLP, hidden=(8,)), 3, (1, 4, 4))
+    with pytest.raises(ValueError, match=r"input shape \(0: \(1, 8, 8\), 1: \(1, 4, 4\)\)"):
+        Ensemble(members=[a, b])
+    with pytest.raises(
+        ValueError, match=r"`rule` must be one of \['geometric', 'mean_logits', 'mean_probs'\]"
+    ):
+        Ensemble(members=[a], rule="median")
+    with pytest.raises(ValueError, match="`rule` must be one of"):
+        combine_logits(torch.zeros(1, 2, 3), "vote")
+    with pytest.raises(ValueError, match="either `checkpoints` or `members`"):
+        Ensemble()
+    with pytest.raises(FileNotFoundError, match=r"`checkpoints\[0\]`: no checkpoint file"):
+        Ensemble(checkpoints=[str(tmp_path / "missing.ckpt")])
+
+
+def test_ensemble_module_checks_the_data_classes(tmp_path, tiny_dm, trainer_factory):
+    ckpt = _tiny_member(tmp_path, tiny_dm, trainer_factory, seed=0)
+    with pytest.raises(ValueError, match="output 4 classes but `num_classes` \\(from the data\\) is 10"):
+        EnsembleModule(10, (1, 8, 8), checkpoints=[str(ckpt)])
+
+
+# --- training members ---------------------------------------------------------------------------------
+
+
+def test_member_overrides():
+    args = member_overrides(
+        2, "out", seed_base=10, vary=("model.init_args.net.init_args.hidden", ["[8]", "[16]", "[32]"])
+    )
+    assert "--seed_everything=12" in args and "--trainer.callbacks.dirpath=out/member_2/checkpoints" in args
+    assert args[-1] == "--model.init_args.net.init_args.hidden=[32]"
+    with pytest.raises(ValueError, match="none for member 3"):
+        member_overrides(3, "out", vary=("k", ["a", "b", "c"]))
+
+
+@pytest.mark.skipif(not FashionMNIST().available(), reason="Fashion-MNIST files missing: run `make data`")
+def test_train_members_differ_by_seed_and_are_reused(tmp_path):
+    tiny = [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+        "--model.init_args.net.init_args.hidden=[16]",
+    ]
+    config = ROOT / "configs/fashion_mnist/member.yaml"
+    first = train_members(config, range(2), "runs/m", tmp_path, overrides=tiny)
+    assert [Path(r.checkpoint) for r in first] == [
+        tmp_path / f"runs/m/member_{k}/checkpoints/final.ckpt" for k in range(2)
+    ]
+    w = [torch.load(r.checkpoint, weights_only=False)["state_dict"]["net.net.1.weight"] for r in first]
+    assert not torch.equal(w[0], w[1])  # seeds 0 and 1
+    again = train_members(config, [1], "runs/m", tmp_path, overrides=tiny)
+    assert again[0].reused and again[0].checkpoint == first[1].checkpoint
