@@ -1,0 +1,202 @@
+"""DistillationDashboard: stable keys with sane values, its pictures, classifiers, DDP; the plot helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import TinySource
+from torchmetrics.classification import MulticlassCalibrationError
+
+from callbacks import DistillationDashboard
+from callbacks.dashboard import ConfidenceBins
+from datamodules.base import IndexedDataModule
+from kd_lightning.models import MLP, SmallCNN
+from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.objectives import HintonKD
+from kd_lightning.plots import (
+    ReliabilityBins,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    plot_reliability,
+    plot_specialist_breakdown,
+)
+
+SHAPE = (1, 8, 8)
+TEACHER_NET = partial(SmallCNN, channels=(4,), head=16)
+STUDENT_NET = partial(MLP, hidden=(16,))
+PNG = b"\x89PNG\r\n\x1a\n"
+STUDENT_KEYS = {"loss_hard", "loss_total", "student_acc", "student_ece"}
+TEACHER_KEYS = {"loss_soft", "temperature", "teacher_acc", "teacher_ece", "agreement", "kl_teacher_student"}
+
+
+def student(teacher_seed: int = 0) -> DistillationModule:
+    torch.manual_seed(teacher_seed)
+    teacher = TEACHER_NET(SHAPE, 4)
+    return DistillationModule(STUDENT_NET, 4, SHAPE, teacher=teacher, objective=HintonKD(2.0, 0.5))
+
+
+def dashboard_values(metrics: dict[str, torch.Tensor], prefix: str = "dashboard") -> dict[str, float]:
+    return {k[len(prefix) + 1 :]: float(v) for k, v in metrics.items() if k.startswith(prefix + "/")}
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == PNG, path
+    assert path.stat().st_size > 5_000, f"{path} is suspiciously small"
+
+
+def test_student_dashboard_logs_every_key_and_draws_its_pictures(tmp_path, tiny_dm, trainer_factory):
+    dash = DistillationDashboard(n_bins=10, dirpath=str(tmp_path / "run"))
+    trainer = trainer_factory(max_epochs=2, limit_train_batches=3, callbacks=[dash])
+    trainer.fit(student(), tiny_dm())
+
+    values = dashboard_values(trainer.callback_metrics)
+    class_keys = {f"{side}_class_acc/{c}_c{c}" for side in ("student", "teacher") for c in range(4)}
+    assert STUDENT_KEYS | TEACHER_KEYS | class_keys <= set(values), sorted(values)
+    assert all(math.isfinite(v) for v in values.values()), values
+    # The same quantities as the module's own epoch metrics, computed independently.
+    for mine, module_key in (("student_acc", "val/acc"), ("teacher_acc", "val/teacher_acc")):
+        assert values[mine] == pytest.approx(float(trainer.callback_metrics[module_key]))
+    assert values["agreement"] == pytest.approx(float(trainer.callback_metrics["val/agreement"]))
+    assert values["loss_total"] == pytest.approx(float(trainer.callback_metrics["val/kd_loss"]), rel=1e-5)
+    assert values["loss_hard"] == pytest.approx(float(trainer.callback_metrics["val/loss"]), rel=1e-5)
+    assert values["temperature"] == 2.0 and values["kl_teacher_student"] > 0
+    assert 0 <= values["student_ece"] <= 1 and 0 <= values["teacher_ece"] <= 1
+    for name in ("reliability", "per_class_accuracy", "confusion_matrix"):
+        assert dash.pictures[name] == tmp_path / "run" / "dashboard" / f"{name}.png"
+        assert_png(dash.pictures[name])
+
+
+def test_classifier_dashboard_has_no_teacher_keys(tmp_path, tiny_dm, trainer_factory):
+    dash = DistillationDashboard(dirpath=str(tmp_path))
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[dash])
+    trainer.fit(ClassifierModule(STUDENT_NET, 4, SHAPE), tiny_dm())
+    values = dashboard_values(trainer.callback_metrics)
+    assert set(values) >= STUDENT_KEYS and not (TEACHER_KEYS & set(values)), sorted(values)
+    assert values["loss_total"] == values["loss_hard"]
+    assert sorted(p.name for p in (tmp_path / "dashboard").iterdir()) == [
+        "confusion_matrix.png",
+        "per_class_accuracy.png",
+        "reliability.png",
+    ]
+
+
+def test_sanity_check_is_not_logged_and_history_keeps_each_epoch(tmp_path, tiny_dm, trainer_factory):
+    dash = DistillationDashboard(dirpath=str(tmp_path), keep_history=True, every_n_epochs=2)
+    trainer = trainer_factory(max_epochs=3, limit_train_batches=1, num_sanity_val_steps=1, callbacks=[dash])
+    trainer.fit(ClassifierModule(STUDENT_NET, 4, SHAPE), tiny_dm())
+    names = sorted(p.name for p in (tmp_path / "dashboard").glob("reliability*.png"))
+    # Epoch 1 (every 2nd) and epoch 2 (the last); not epoch 0, not the sanity check.
+    assert names == ["reliability_epoch001.png", "reliability_epoch002.png"]
+
+
+def test_ece_bins_agree_with_torchmetrics():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 5, generator=g), -1)
+    target = torch.randint(0, 5, (500,), generator=g)
+    bins = ConfidenceBins(15)
+    bins.update(probs, target)
+    reference = MulticlassCalibrationError(5, n_bins=15, norm="l1")(probs, target)
+    assert bins.compute().ece == pytest.approx(float(reference), abs=1e-6)
+    assert int(bins.counts.sum()) == 500
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"n_bins": 0}, "n_bins"), ({"every_n_epochs": 1.5}, "every_n_epochs"), ({"prefix": ""}, "prefix")],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationDashboard(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: every rank computes the same (synced) values; only rank 0 draws
+
+
+class DumpValues(L.Callback):
+    """Writes each rank's dashboard values to ``<dir>/rank<R>.json`` (module level: picklable for spawn)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        values = dashboard_values(trainer.callback_metrics)
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+def ddp_validate(out: Path, devices: int, strategy: str) -> None:
+    """Validate one fixed student with the dashboard on ``devices`` processes."""
+    module = student()
+    data = IndexedDataModule(TinySource(4), batch_size=32, eval_batch_size=16, val_size=64)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+        callbacks=[DistillationDashboard(dirpath=str(out)), DumpValues(str(out))],
+    )
+    trainer.validate(module, data, verbose=False)
+
+
+@pytest.mark.slow  # two spawned processes import torch and Lightning: ~15 s on 2 busy cores
+def test_ddp_values_match_one_process_and_only_rank_zero_draws(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    ddp_validate(tmp_path / "one", 1, "auto")
+    ddp_validate(tmp_path / "two", 2, "ddp_spawn")
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1], "ranks logged different dashboard values"
+    assert set(one) == set(ranks[0]) and len(one) > 10
+    for key, value in one.items():
+        # 64 validation samples split 32/32: no padding, so the synced values equal one process's.
+        assert ranks[0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert sorted(p.name for p in (tmp_path / "two" / "dashboard").iterdir()) == [
+        "confusion_matrix.png",
+        "per_class_accuracy.png",
+        "reliability.png",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot helpers
+
+
+def test_plot_helpers_write_pngs_and_check_shapes(tmp_path):
+    names = ["a", "b", "c"]
+    bins = ReliabilityBins.from_sums(np.array([0, 2, 8]), np.array([0, 1.0, 7.2]), np.array([0, 1, 6]))
+    assert bins.ece == pytest.approx(0.8 * abs(6 / 8 - 0.9) + 0.2 * abs(0.5 - 0.5))
+    assert_png(plot_reliability({"student": bins}, tmp_path / "r.png"))
+    assert_png(plot_per_class_accuracy({"s": [0.5, 1.0, 0.2]}, names, tmp_path / "a.png"))
+    assert_png(plot_confusion_matrix(torch.eye(3) * 5 + 1, names, tmp_path / "sub" / "cm.png"))
+    with pytest.raises(ValueError, match="accuracy"):
+        plot_per_class_accuracy({"s": [0.5]}, names, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="matrix"):
+        plot_confusion_matrix(torch.eye(2), names, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="bins"):
+        plot_reliability({}, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def test_specialist_breakdown_picture(tmp_path):
+    from kd_lightning.specialists import specialist_report
+
+    y = torch.tensor([0, 1, 2, 2, 3, 3])
+    cover = torch.tensor([0, 1, 1, 2, 2, 2])
+    report = specialist_report(
+        y, {"generalist": torch.tensor([0, 0, 2, 1, 3, 0]), "kl": torch.tensor([0, 1, 2, 1, 3, 3])}, cover
+    )
+    assert_png(plot_specialist_breakdown(report, tmp_path / "table4.png"))
+    with pytest.raises(ValueError, match="by_cover"):
+        plot_specialist_breakdown({"acc": {}}, tmp_path / "x.png")
