@@ -1,0 +1,115 @@
+"""The reproduction script's experiment functions on tiny data (scripts/reproduce.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TinySource
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+repro = _load()
+TINY = repro.Budget(limit_batches=2, seeds=(0,))
+DM = {"batch_size": 32, "eval_batch_size": 64, "val_size": 64}
+
+
+def _teacher_logits(source):
+    dm = repro.IndexedDataModule(source, **DM)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, source.num_classes))
+    return repro.teacher_train_logits(teacher, dm), teacher
+
+
+def test_choose_bias_picks_the_validation_optimum():
+    logits = torch.zeros(4, 3)
+    logits[:, 0] = 1.0
+    targets = torch.tensor([2, 2, 2, 0])  # shifting class 2 up by > 1 gets 3 of 4 right
+    bias, accs = repro.choose_bias(logits, targets, 2, [0.0, 0.5, 2.0])
+    assert bias == 2.0 and accs == [0.25, 0.25, 0.75]
+
+
+def test_omitted_class_tunes_the_bias_on_validation_only(monkeypatch):
+    source = TinySource(4)
+    logits, _ = _teacher_logits(source)
+    seen = []
+    original = repro.choose_bias
+
+    def spy(val_logits, val_targets, cls, grid):
+        seen.append(len(val_targets))
+        return original(val_logits, val_targets, cls, grid)
+
+    monkeypatch.setattr(repro, "choose_bias", spy)
+    calls = []
+    orig_predict = repro.predict
+
+    def spy_predict(model, loader):
+        out = orig_predict(model, loader)
+        calls.append(loader.dataset)
+        return out
+
+    monkeypatch.setattr(repro, "predict", spy_predict)
+    r = repro.omitted_class(source, logits, 1, 1, TINY, DM, grid=(0.0, 1.0))
+    assert seen == [64]  # the validation split's size
+    # The bias is chosen on predictions over the training file's held-out part (256 samples): the
+    # validation split. The test file (64 samples) is predicted only afterwards, to report.
+    assert len(calls) == 2
+    assert len(calls[0].source) == 256 and len(calls[1].source) == 64
+    assert r["bias"] in (0.0, 1.0) and r["n_cls"] > 0
+
+
+def test_omit_class_drops_it_from_the_transfer_set_only():
+    dm = repro.ReproDataModule(TinySource(4), omit_class=2, **DM)
+    dm.setup("fit")
+    assert (dm.train_set.targets != 2).all() and (dm.val_set.targets == 2).any()
+
+
+def test_temperature_sweep_has_one_row_per_size_and_temperature():
+    source = TinySource(4)
+    logits, _ = _teacher_logits(source)
+    rows = repro.temperature_sweep(source, logits, {"a": (8,), "b": (4,)}, [1.0, 4.0, 20.0], 1, TINY, DM)
+    assert [(r["student"], r["T"]) for r in rows] == [(s, t) for s in "ab" for t in (1.0, 4.0, 20.0)]
+    assert all(0 <= r["errors"] <= 64 for r in rows)
+
+
+def test_distilled_batches_carry_the_cached_logits_by_index():
+    source = TinySource(4)
+    logits, _ = _teacher_logits(source)
+    dm = repro.ReproDataModule(source, teacher_logits=logits, **DM)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["teacher_logits"], logits[batch["index"]])
+
+
+def test_gap_closure_reports_every_seed():
+    source = TinySource(4)
+    _, teacher = _teacher_logits(source)
+    budget = repro.Budget(limit_batches=2, seeds=(0, 1))
+    r = repro.gap_closure("tiny", source, teacher, (8,), 1, budget, DM)
+    assert len(r["alone"]) == len(r["distilled"]) == 2 and r["n_test"] == 64
+
+
+def test_early_stopping_restores_the_best_validation_epoch(monkeypatch):
+    kept = []
+    original = repro.KeepBest
+
+    class Spy(original):
+        def __init__(self):
+            super().__init__()
+            kept.append(self)
+
+    monkeypatch.setattr(repro, "KeepBest", Spy)
+    model, _ = repro.fit_student(TinySource(4), (8,), 0, 3, TINY, early_stop=True, **DM)
+    assert len(kept) == 1 and 0 <= kept[0].best_epoch < 3
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, kept[0].state[name])
