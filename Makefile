@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble benchmark-precision reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,18 @@ benchmark-cache: setup ## soft-target cache: epoch time, build throughput, bytes
 
 benchmark-specialists: setup ## generalist + specialists on synthetic data and Fashion-MNIST
 	$(BIN)/python scripts/benchmark_specialists.py
+
+study-ensembles: setup ## single MLPs vs ensembles of smaller MLPs: accuracy against FLOPs and latency, plot
+	$(BIN)/python scripts/study_ensembles.py
+
+distill-ensemble: setup ## 4 members -> ensemble -> one distilled student; share of the ensemble's gain kept
+	$(BIN)/python scripts/distill_ensemble.py
+
+benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU
+	$(BIN)/python scripts/benchmark_precision.py
+
+reproduce: setup ## reproduce Hinton et al.'s experiments at small scale; writes docs/reproduction.md (~25 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,6 +1,15 @@
 """Lightning callbacks for distillation (soft-target caching, clustering, teacher placement, dashboards)."""
 
+from callbacks.artifacts import ArtifactLogger
 from callbacks.confusion_clustering import ConfusionClustering
+from callbacks.dashboard import DistillationDashboard
 from callbacks.soft_target_cache import SoftTargetCache
+from callbacks.teacher_placement import TeacherPlacement
 
-__all__ = ["ConfusionClustering", "SoftTargetCache"]
+__all__ = [
+    "ArtifactLogger",
+    "ConfusionClustering",
+    "DistillationDashboard",
+    "SoftTargetCache",
+    "TeacherPlacement",
+]

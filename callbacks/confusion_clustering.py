@@ -214,7 +214,7 @@ class ConfusionClustering(L.Callback):
         )
         if not self.plot:
             return
-        from kd_lightning.plots import plot_class_groups
+        from kd_lightning.plots import log_image, plot_class_groups
 
         g = self.groups
         path = plot_class_groups(
@@ -224,6 +224,4 @@ class ConfusionClustering(L.Callback):
             self.output.with_suffix(".png"),
             title=f"{g.method['matrix']} of the predictions, {len(g.groups)} specialist groups",
         )
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # e.g. WandbLogger
-                logger.log_image(key="clustering/groups", images=[str(path)])
+        log_image(trainer.loggers, "clustering/groups", path, step=trainer.global_step)  # W&B; errors warn

@@ -7,13 +7,18 @@ repeats them. This module is the one place in ``kd_lightning`` that imports ``da
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import callbacks  # noqa: F401  (registers callbacks for class_path)
 import datamodules
+import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
 import kd_lightning.specialists  # noqa: F401
+from kd_lightning.launch import check_trainer_arguments
+from kd_lightning.loggers import KDSaveConfigCallback  # also registers KDWandbLogger for class_path
 
 
 class KDCLI(LightningCLI):
@@ -22,6 +27,11 @@ class KDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # Checked as given: Lightning silently turns 16-mixed into bf16 on CPU and takes SLURM's world size.
+        check_trainer_arguments({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
@@ -36,9 +46,18 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
         auto_configure_optimizers=False,
         # A rerun in the same directory replaces the saved config instead of refusing to start.
         save_config_kwargs={"overwrite": True},
+        # Also stores the full resolved config with each W&B run (its own copy, whatever the next run
+        # in the same directory writes to config.yaml).
+        save_config_callback=KDSaveConfigCallback,
         args=args,
         run=run,
     )
+
+
+def console() -> None:
+    """The ``kd`` console script: exit status 0 on success (``sys.exit(main())`` would print the CLI
+    object and exit 1)."""
+    main()
 
 
 if __name__ == "__main__":

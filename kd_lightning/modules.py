@@ -59,19 +59,22 @@ class _ClassifierBase(L.LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.net.parameters()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("val", batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step("test", batch)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return {"index": batch["index"], "logits": self(batch["input"]).float()}
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Accumulate the step's metrics; return ``{"logits"}`` (and ``"teacher_logits"`` for a student),
+        detached, for callbacks such as the dashboard (``outputs`` of ``on_validation_batch_end``)."""
         logits = self(batch["input"])
         loss = nn.functional.cross_entropy(logits.float(), batch["target"])
         self._log_step(stage, {"loss": loss}, logits, batch["target"])
+        return {"logits": logits.detach()}
 
     def _log_step(
         self,
@@ -268,7 +271,7 @@ class DistillationModule(_ClassifierBase):
         if self.objective.temperature is not None:
             self.log("train/temperature", float(self.objective.temperature))
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, Tensor]:
         logits = self(batch["input"])
         losses = {"loss": nn.functional.cross_entropy(logits.float(), batch["target"])}
         teacher_logits = None
@@ -278,6 +281,10 @@ class DistillationModule(_ClassifierBase):
                 logits, teacher_logits, batch["target"], epoch=self.current_epoch
             )["loss"]
         self._log_step(stage, losses, logits, batch["target"], teacher_logits)
+        out = {"logits": logits.detach()}
+        if teacher_logits is not None:
+            out["teacher_logits"] = teacher_logits.detach()
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

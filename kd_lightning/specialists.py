@@ -38,6 +38,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
 from kd_lightning.clustering import ClassGroups, first_per_index
+from kd_lightning.costs import forward_flops
 from kd_lightning.losses import check_temperature, check_weight, soft_target_loss
 from kd_lightning.modules import CLASS_KEY, NetFactory, _ClassifierBase, _stage_metrics, load_teacher
 from kd_lightning.optim import Schedule
@@ -789,20 +790,6 @@ def load_specialist(path: str | Path) -> SpecialistModule:
         soft_weight=0.0,
     )
     return module.eval().requires_grad_(False)
-
-
-def forward_flops(net: nn.Module, input_shape: Sequence[int]) -> int:
-    """FLOPs of one forward pass of ``net`` on one input (matmuls and convolutions, by torch's counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    param = next(net.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = net.training
-    net.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, *input_shape, device=device))
-    net.train(was_training)
-    return int(counter.get_total_flops())
 
 
 class _EvalRecords(Metric):

@@ -216,7 +216,10 @@ def fashion_mnist_run(
 # Tables
 
 
-def print_tables(title: str, seeds: list[int], reports: list[dict[str, Any]]) -> None:
+def print_tables(
+    title: str, seeds: list[int], reports: list[dict[str, Any]], picture: Path | None = None
+) -> None:
+    """Print the tables; with ``picture``, also draw the pooled Table 4 there (PNG)."""
     print(f"\n## {title}\n")
     if len({json.dumps(r["groups"]) for r in reports}) == 1:
         print("specialist groups:", "; ".join("{" + ", ".join(g) + "}" for g in reports[0]["named_groups"]))
@@ -263,6 +266,7 @@ def print_tables(title: str, seeds: list[int], reports: list[dict[str, Any]]) ->
     print("| specialists covering | test inputs | generalist (%) | KL (%) | change (points) | relative (%) |")
     print("|---:|---:|---:|---:|---:|---:|")
     covers = sorted({row["cover"] for r in reports for row in r["by_cover"]})
+    pooled = []
     for k in covers:
         rows = [row for r in reports for row in r["by_cover"] if row["cover"] == k]
         n = sum(row["count"] for row in rows)
@@ -270,6 +274,15 @@ def print_tables(title: str, seeds: list[int], reports: list[dict[str, Any]]) ->
         kl = sum(row["acc"]["kl"] * row["count"] for row in rows) / n
         rel = 100 * (kl - gen) / gen if gen else float("nan")
         print(f"| {k} | {n} | {100 * gen:.2f} | {100 * kl:.2f} | {100 * (kl - gen):+.2f} | {rel:+.2f} |")
+        pooled.append({"cover": k, "count": n, "acc": {"generalist": gen, "kl": kl}})
+    if picture is not None:
+        from kd_lightning.plots import plot_specialist_breakdown
+
+        acc = {name: statistics.mean(col("acc", name)) for name in ("generalist", "kl")}
+        plot_specialist_breakdown(
+            {"acc": acc, "by_cover": pooled}, picture, title=f"{title}, {len(seeds)} seeds"
+        )
+        print(f"\nTable 4 picture: {picture}")
 
 
 def main() -> None:
@@ -301,7 +314,7 @@ def main() -> None:
             reports = [synthetic_run(seed, base / f"seed{seed}", args.quick, hidden) for seed in args.seeds]
             results[f"synthetic_mlp{hidden}"] = reports
             title = f"Synthetic: 50 classes in 10 planted groups, generalist and specialists MLP({hidden})"
-            print_tables(title, args.seeds, reports)
+            print_tables(title, args.seeds, reports, base / "table4.png")
             print(f"\nelapsed: {time.perf_counter() - start:.0f} s", flush=True)
 
     if not args.skip_fashion_mnist:
@@ -317,7 +330,12 @@ def main() -> None:
                 for seed in args.seeds
             ]
             results["fashion_mnist"] = reports
-            print_tables("Fashion-MNIST: SmallCNN generalist (the main job's teacher)", args.seeds, reports)
+            print_tables(
+                "Fashion-MNIST: SmallCNN generalist (the main job's teacher)",
+                args.seeds,
+                reports,
+                workdir / "runs" / "benchmark_specialists" / "fashion_mnist" / "table4.png",
+            )
             for r in reports[:1]:
                 print("\nper specialist (seed", args.seeds[0], "):")
                 for s in r["specialists"]:

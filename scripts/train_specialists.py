@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from kd_lightning.clustering import ClassGroups  # noqa: E402
 from kd_lightning.pipeline import working_directory  # noqa: E402
+from kd_lightning.plots import plot_specialist_breakdown  # noqa: E402
+from kd_lightning.progress import Progress  # noqa: E402
 
 GROUPS_ARG = "--model.init_args.groups_file"
 GENERALIST_ARG = "--model.init_args.generalist_ckpt"
@@ -250,14 +252,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     todo = [args.group] if args.group is not None else list(range(len(groups.groups)))
     results = []
+    # One line per finished specialist with the time left (Lightning's bar covers one fit only).
+    tracker = Progress(len(todo), desc="specialists", unit="specialist", bar=False, stream=sys.stdout)
     for g in todo:
         names = ", ".join(groups.class_names[c] for c in groups.groups[g])
         print(f"\n=== specialist {g}/{len(groups.groups)}: {names}", flush=True)
         results.append(train_specialist(args.config, g, out, args.workdir, overrides, args.force))
         r = results[-1]
         took = "reused" if r["reused"] else f"{r['fit_seconds']:.0f} s"
-        print(
-            f"group {g}: test acc over its {len(r['classes']) + 1} labels "
+        tracker.update(
+            note=f"group {g}: test acc over its {len(r['classes']) + 1} labels "
             f"{100 * r['metrics'].get('test/acc', float('nan')):.2f}%, "
             f"dustbin correction {r['dustbin_correction']:+.3f}, {took}"
         )
@@ -267,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\n" + format_report(report))
         summary["report"] = report
         (out / "report.json").write_text(json.dumps(report, indent=2))
+        picture = plot_specialist_breakdown(
+            report, out / "table4.png", title=f"generalist + {len(groups.groups)} specialists, test split"
+        )
+        print(f"Table 4 picture: {picture}")
     return summary
 
 
