@@ -45,6 +45,26 @@ def working_directory(path: Path):
         os.chdir(old)
 
 
+# Arguments that change how a run looks, not what it computes: a finished stage is reused across them.
+_PRESENTATION = ("--trainer.enable_progress_bar", "--trainer.enable_model_summary")
+
+
+def same_result(saved: str, command: str) -> bool:
+    """Whether two stage commands compute the same thing: equal once presentation-only arguments are dropped.
+
+    Example:
+        >>> same_result("kd fit --config a.yaml --trainer.enable_progress_bar=false", "kd fit --config a.yaml")
+        True
+        >>> same_result("kd fit --config a.yaml --seed_everything=2", "kd fit --config a.yaml")
+        False
+    """
+
+    def key(text: str) -> list[str]:
+        return [a for a in shlex.split(text) if not a.startswith(_PRESENTATION)]
+
+    return key(saved) == key(command)
+
+
 def run_stage(
     name: str,
     config: str | Path,
@@ -80,7 +100,7 @@ def run_stage(
         result_file = checkpoint.parent / "result.json"
         if result_file.is_file() and checkpoint.is_file() and not force:
             saved = json.loads(result_file.read_text())
-            if saved.get("command") == command:
+            if same_result(saved.get("command", ""), command):
                 return StageResult(**{**saved, "reused": True})
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
