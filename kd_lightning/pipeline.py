@@ -164,6 +164,19 @@ def member_overrides(
     return args
 
 
+def seed_overrides(seed: int, out: str | Path) -> list[str]:
+    """The ``kd`` arguments of one seed of a repeated run: the seed, and its own root, checkpoint and logs
+    under ``out/seed<seed>`` (so that every seed's finished stage is kept and reused). The config's
+    ModelCheckpoint must be its last callback."""
+    d = Path(out) / f"seed{seed}"
+    return [
+        f"--seed_everything={seed}",
+        f"--trainer.default_root_dir={d}",
+        f"--trainer.callbacks.dirpath={d / 'checkpoints'}",
+        f"--trainer.logger.init_args.save_dir={d}",
+    ]
+
+
 def train_members(
     config: str | Path,
     members: Sequence[int],

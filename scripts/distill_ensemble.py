@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
-from kd_lightning.pipeline import run_stage, train_members  # noqa: E402
+from kd_lightning.pipeline import run_stage, seed_overrides, train_members  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 MEMBERS_OUT = "runs/fashion_mnist/members/member"
@@ -69,7 +69,7 @@ def main() -> None:
             f"distilled student (seed {seed})",
             CONFIGS / "distill_ensemble.yaml",
             args.workdir,
-            [*overrides, teacher_arg, f"--seed_everything={seed}"],
+            [*overrides, teacher_arg, *seed_overrides(seed, "runs/fashion_mnist/distill_ensemble")],
         )
         for seed in args.seeds
     ]

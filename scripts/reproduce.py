@@ -6,7 +6,7 @@
 Writes docs/reproduction.md and its pictures under docs/reproduction/. Every number in the report is one
 this run computed and printed to stdout; each experiment puts the paper's number beside ours.
 
-Experiments (the paper's MNIST/speech numbers are quoted from /work/shared/PAPERS.md):
+Experiments (the paper's MNIST/speech numbers are quoted from the project's notes on the papers, PAPERS.md):
 
 1. gap closure: teacher, student alone, distilled student, on Fashion-MNIST (teacher: the main job's
    ``configs/fashion_mnist/teacher.yaml`` stage, reused) and on MNIST-1D (a 1-D CNN teacher vs an MLP).
@@ -456,7 +456,7 @@ def ensembles(
 ) -> dict:
     """The members, ensemble and distilled students of scripts/distill_ensemble.py, reused when finished."""
     from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits
-    from kd_lightning.pipeline import run_stage, train_members
+    from kd_lightning.pipeline import run_stage, seed_overrides, train_members
 
     print("ensembles: training (or reusing) the members of scripts/distill_ensemble.py ...", flush=True)
     ms = train_members(CONFIGS / "member.yaml", range(members), MEMBERS_OUT, workdir, overrides=overrides)
@@ -472,7 +472,7 @@ def ensembles(
             f"distilled student (seed {seed})",
             CONFIGS / "distill_ensemble.yaml",
             workdir,
-            [*overrides, teacher_arg, f"--seed_everything={seed}"],
+            [*overrides, teacher_arg, *seed_overrides(seed, "runs/fashion_mnist/distill_ensemble")],
         )
         for seed in seeds
     ]
@@ -743,7 +743,7 @@ def main() -> None:
             [
                 "## 5. Ensembles distilled into one model\n",
                 "Paper (speech): baseline 58.9%, 10-model ensemble 61.1%, distilled single model 60.8% (over 80% of "
-                "the gain kept). Ours: the members and students of `scripts/distill_ensemble.py` (reused).\n",
+                "the gain kept). Ours: the members and students of `scripts/distill_ensemble.py` (the same stages, reused when finished).\n",
                 "| model | runs | test acc (%) |",
                 "|---|---:|---:|",
                 f"| member | {len(ens['members'])} | {_ms(ens['members'], 100)} |",

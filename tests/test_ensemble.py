@@ -228,3 +228,18 @@ def test_train_members_differ_by_seed_and_are_reused(tmp_path):
     assert not torch.equal(w[0], w[1])  # seeds 0 and 1
     again = train_members(config, [1], "runs/m", tmp_path, overrides=tiny)
     assert again[0].reused and again[0].checkpoint == first[1].checkpoint
+
+
+@pytest.mark.skipif(not FashionMNIST().available(), reason="Fashion-MNIST files missing: run `make data`")
+def test_each_student_seed_of_distill_ensemble_gets_its_own_checkpoint(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kd_lightning.cli import main
+    from kd_lightning.pipeline import seed_overrides
+
+    monkeypatch.chdir(tmp_path)
+    config = str(ROOT / "configs/fashion_mnist/distill_ensemble.yaml")
+    cli = main(["--config", config, "--model.init_args.teacher=null", *seed_overrides(7, "out")], run=False)
+    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert Path(checkpoint.dirpath) == tmp_path / "out/seed7/checkpoints"
+    assert any(isinstance(c, SoftTargetCache) for c in cli.trainer.callbacks)
