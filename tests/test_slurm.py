@@ -79,7 +79,9 @@ def wait(job_id: str, timeout: float = 300) -> list[dict[str, str]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = states(job_id)
-        if jobs and all(j["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED") for j in jobs):
+        # COMPLETING: the job's processes ended but slurmd is still cleaning up; its final state follows.
+        busy = ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED", "COMPLETING")
+        if jobs and all(j["JobState"] not in busy for j in jobs):
             return jobs
         time.sleep(1)
     subprocess.run(["scancel", job_id])
