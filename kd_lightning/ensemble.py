@@ -264,18 +264,24 @@ class EnsembleModule(_ClassifierBase):
 
 
 @torch.inference_mode()
-def predict_logits(net: nn.Module, loader: Any) -> tuple[Tensor, Tensor]:
+def predict_logits(net: nn.Module, loader: Any, *, indices: bool = False) -> tuple[Tensor, ...]:
     """``net``'s fp32 outputs and the targets over every batch of ``loader`` (batches with ``input`` and
-    ``target``), in eval mode on ``net``'s device; the results are on the CPU."""
+    ``target``), in eval mode on ``net``'s device; the results are on the CPU.
+
+    With ``indices``, a third tensor holds the items' stable ``index`` (an :class:`IndexedDataset`'s), to
+    put predictions back in dataset order when the loader shuffles or covers a subset."""
     param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = net.training
     net.eval()
-    outputs, targets = [], []
+    outputs, targets, index = [], [], []
     try:
         for batch in loader:
             outputs.append(net(batch["input"].to(device)).float().cpu())
             targets.append(batch["target"])
+            if indices:
+                index.append(batch["index"])
     finally:
         net.train(was_training)
-    return torch.cat(outputs), torch.cat(targets)
+    out = (torch.cat(outputs), torch.cat(targets))
+    return (*out, torch.cat(index)) if indices else out

@@ -6,6 +6,7 @@ config file cannot know; these wrappers are built by the module once the Trainer
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -40,7 +41,9 @@ class OneCycle(Schedule):
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
-            total_steps=max(1, total_steps),
+            # OneCycleLR divides by the warm-up's length (pct_start * total - 1): a run shorter than
+            # 1 / pct_start steps (a smoke test) would divide by zero, so such runs stop mid-anneal.
+            total_steps=max(total_steps, math.floor(1 / self.pct_start) + 1),
             pct_start=self.pct_start,
             div_factor=self.div_factor,
             final_div_factor=self.final_div_factor,
@@ -55,8 +58,6 @@ class Cosine(Schedule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
 
     def build(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        import math
-
         warm, total, floor = self.warmup_steps, max(1, total_steps), self.min_lr_ratio
 
         def factor(step: int) -> float:

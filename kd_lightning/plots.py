@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend (no display needed), imported only when drawing."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), imported only when drawing.
+
+    Public for scripts that draw their own figures and save them with :func:`save_figure`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +56,7 @@ def save_figure(
     Returns:
         ``path``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}.partial.png")
@@ -116,7 +118,7 @@ def plot_class_groups(
     Raises:
         ValueError: ``matrix`` is not ``(C, C)`` for ``C = len(class_names)``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
 
     m = matrix.detach().cpu().double().numpy() if isinstance(matrix, Tensor) else np.asarray(matrix, float)
@@ -238,7 +240,7 @@ def plot_reliability(
     """
     if not bins:
         raise ValueError("`bins` must name at least one model.")
-    plt = _pyplot()
+    plt = pyplot()
     k = len(bins)
     fig, axes = plt.subplots(
         2, k, figsize=(4.2 * k, 5.2), squeeze=False, gridspec_kw={"height_ratios": [3, 1]}, sharex=True
@@ -311,7 +313,7 @@ def plot_per_class_accuracy(
     Raises:
         ValueError: a model's accuracies are not ``C`` values.
     """
-    plt = _pyplot()
+    plt = pyplot()
     c = len(class_names)
     values = {name: _numpy(a) for name, a in accuracy.items()}
     for name, a in values.items():
@@ -361,7 +363,7 @@ def plot_confusion_matrix(
     Raises:
         ValueError: ``matrix`` is not ``(C, C)``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     m = _numpy(matrix)
     c = len(class_names)
     if m.shape != (c, c):
@@ -429,7 +431,7 @@ def plot_specialist_breakdown(
     for name in (baseline, combined):
         if name not in rows[0]["acc"]:
             raise ValueError(f"`report` rows have no predictor {name!r}; they have {sorted(rows[0]['acc'])}.")
-    plt = _pyplot()
+    plt = pyplot()
     covers = [str(r["cover"]) for r in rows]
     x = np.arange(len(rows))
     base = np.array([100 * r["acc"][baseline] for r in rows])
@@ -513,7 +515,7 @@ def plot_accuracy_vs_cost(
         missing = [p.get("label") for p in points if key_name not in p]
         if missing:
             raise ValueError(f"`points` {missing} lack the cost {key_name!r}.")
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib import ticker
 
     fig, axes = plt.subplots(1, len(costs), figsize=(6.2 * len(costs), 4.6), squeeze=False)

@@ -55,6 +55,36 @@ def report(regime: str, seeds: list[int], alone: list[StageResult], distilled: l
     print(f"| mean ± std | {mean_std(a)} | {mean_std(d)} | {mean_std(gains)} | | |", flush=True)
 
 
+def run_regime(
+    regime: str,
+    seeds: list[int],
+    teacher: StageResult,
+    workdir: Path,
+    overrides: list[str] = (),
+    force: bool = False,
+) -> tuple[list[StageResult], list[StageResult]]:
+    """The students of one regime, alone and distilled, one per seed; finished runs are reused.
+
+    scripts/reproduce.py calls this too, so the two scripts share (and never retrain) these runs."""
+    # One store for every distilled run: the teacher runs once for the whole benchmark.
+    store = workdir / "runs" / "benchmark_kd" / "soft_targets"
+    from_store = [
+        f"--trainer.callbacks.path={store}",
+        f"--trainer.callbacks.teacher_ckpt={teacher.checkpoint}",
+    ]
+    alone, distilled = [], []
+    for seed in seeds:
+        seed_dir = workdir / "runs" / "benchmark_kd" / regime / f"seed{seed}"
+        common = [f"--seed_everything={seed}", *REGIMES[regime], *overrides]
+        alone.append(run_stage(f"alone s{seed}", CONFIGS / "student.yaml", seed_dir, common, force))
+        distilled.append(
+            run_stage(
+                f"distilled s{seed}", CONFIGS / "distill_cached.yaml", seed_dir, [*common, *from_store], force
+            )
+        )
+    return alone, distilled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,28 +104,9 @@ def main() -> None:
         f"\nteacher (SmallCNN, {teacher.params:,} params): {100 * teacher.test_acc:.2f}% test accuracy",
         flush=True,
     )
-    # One store for every distilled run: the teacher runs once for the whole benchmark.
-    store = workdir / "runs" / "benchmark_kd" / "soft_targets"
-    from_store = [
-        f"--trainer.callbacks.path={store}",
-        f"--trainer.callbacks.teacher_ckpt={teacher.checkpoint}",
-    ]
     results = {}
     for regime in args.regimes:
-        alone, distilled = [], []
-        for seed in args.seeds:
-            seed_dir = workdir / "runs" / "benchmark_kd" / regime / f"seed{seed}"
-            common = [f"--seed_everything={seed}", *REGIMES[regime], *args.overrides]
-            alone.append(run_stage(f"alone s{seed}", CONFIGS / "student.yaml", seed_dir, common, args.force))
-            distilled.append(
-                run_stage(
-                    f"distilled s{seed}",
-                    CONFIGS / "distill_cached.yaml",
-                    seed_dir,
-                    [*common, *from_store],
-                    args.force,
-                )
-            )
+        alone, distilled = run_regime(regime, args.seeds, teacher, workdir, args.overrides, args.force)
         results[regime] = {"alone": [asdict(r) for r in alone], "distilled": [asdict(r) for r in distilled]}
         report(regime, args.seeds, alone, distilled)
     print(

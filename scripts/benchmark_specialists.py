@@ -216,6 +216,17 @@ def fashion_mnist_run(
 # Tables
 
 
+def pool_by_cover(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seeds' Table 4 rows pooled: per cover count, test inputs summed and accuracies count-weighted."""
+    pooled = []
+    for k in sorted({row["cover"] for r in reports for row in r["by_cover"]}):
+        rows = [row for r in reports for row in r["by_cover"] if row["cover"] == k]
+        n = sum(row["count"] for row in rows)
+        acc = {m: sum(row["acc"][m] * row["count"] for row in rows) / n for m in ("generalist", "kl")}
+        pooled.append({"cover": k, "count": n, "acc": acc})
+    return pooled
+
+
 def print_tables(
     title: str, seeds: list[int], reports: list[dict[str, Any]], picture: Path | None = None
 ) -> None:
@@ -265,16 +276,11 @@ def print_tables(
     print("\nBy how many specialists cover the true class (the paper's Table 4), summed over seeds:\n")
     print("| specialists covering | test inputs | generalist (%) | KL (%) | change (points) | relative (%) |")
     print("|---:|---:|---:|---:|---:|---:|")
-    covers = sorted({row["cover"] for r in reports for row in r["by_cover"]})
-    pooled = []
-    for k in covers:
-        rows = [row for r in reports for row in r["by_cover"] if row["cover"] == k]
-        n = sum(row["count"] for row in rows)
-        gen = sum(row["acc"]["generalist"] * row["count"] for row in rows) / n
-        kl = sum(row["acc"]["kl"] * row["count"] for row in rows) / n
+    pooled = pool_by_cover(reports)
+    for row in pooled:
+        k, n, gen, kl = row["cover"], row["count"], row["acc"]["generalist"], row["acc"]["kl"]
         rel = 100 * (kl - gen) / gen if gen else float("nan")
         print(f"| {k} | {n} | {100 * gen:.2f} | {100 * kl:.2f} | {100 * (kl - gen):+.2f} | {rel:+.2f} |")
-        pooled.append({"cover": k, "count": n, "acc": {"generalist": gen, "kl": kl}})
     if picture is not None:
         from kd_lightning.plots import plot_specialist_breakdown
 

@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TinySource
 
@@ -113,3 +114,50 @@ def test_early_stopping_restores_the_best_validation_epoch(monkeypatch):
     assert len(kept) == 1 and 0 <= kept[0].best_epoch < 3
     for name, value in model.state_dict().items():
         assert torch.equal(value, kept[0].state[name])
+
+
+def test_extra_training_appends_to_the_training_file_only():
+    base, extra = TinySource(4, n_train=40, n_test=10), TinySource(4, n_train=30, n_test=20, seed=1)
+    both = repro.ExtraTraining(base, extra)
+    data, y = both.load(True)
+    assert len(data) == len(y) == 70
+    assert torch.equal(data.tensors[0][40:], extra.load(True)[0].tensors[0])
+    assert torch.equal(both.load(False)[1], base.load(False)[1])
+
+
+def test_extra_training_refuses_a_different_task():
+    with pytest.raises(ValueError, match="`extra` must have base's 4 classes"):
+        repro.ExtraTraining(TinySource(4), TinySource(3))
+
+
+def test_transfer_set_distils_without_labels_and_compares_with_them(monkeypatch):
+    calls = []
+    original = repro.fit_student
+
+    def spy(source, hidden, seed, epochs, budget, logits=None, **kwargs):
+        calls.append((logits is not None, kwargs.get("hard_weight")))
+        return original(source, hidden, seed, epochs, budget, logits, **kwargs)
+
+    monkeypatch.setattr(repro, "fit_student", spy)
+    source = repro.ExtraTraining(TinySource(4), TinySource(4, seed=1))
+    _, teacher = _teacher_logits(TinySource(4))
+    r = repro.transfer_set(source, teacher, (8,), 1, TINY, DM, {"temperature": 4.0, "hard_weight": 0.5})
+    assert calls == [(True, 0.0), (False, 0.5)]
+    assert r["n_train"] == 512 - 64 and all(0 <= r[k][0] <= 64 for k in ("soft", "labels"))
+
+
+def test_one_cycle_anneals_the_learning_rate():
+    # Four steps: shorter than OneCycle's warm-up can divide (pct_start=0.25), yet it must run.
+    model, _ = repro.fit_student(TinySource(4), (8,), 0, 2, TINY, lr=1e-2, one_cycle=True, **DM)
+    lr = model.trainer.optimizers[0].param_groups[0]["lr"]
+    assert isinstance(model.lr_schedule, repro.OneCycle) and lr < 1e-2 / 25
+
+
+def test_gap_closed_share_matches_the_papers_arithmetic():
+    assert round(repro._closed(67, [146], [74]), 3) == round(72 / 79, 3)
+    assert repro._closed(10, [20, 30], [10, 10]) == 1.0
+
+
+def test_recipe_is_read_from_the_config():
+    words = repro._recipe(ROOT / "configs" / "fashion_mnist" / "distill_cached.yaml")
+    assert words.startswith("T=4, hard-label weight 0.5") and "OneCycle" in words

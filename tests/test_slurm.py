@@ -4,7 +4,7 @@ The set-up (scripts/slurm/setup_local_cluster.sh) installs Debian's SLURM packag
 slurmctld and slurmd. It needs root; without root, or when apt cannot install the packages, every test
 here is skipped with that reason. Job files are parametrised from the outside only: sbatch options
 (--chdir, --ntasks-per-node, --gres=none, --array, --cpus-per-task) and `kd` arguments after the
-script (tiny epochs and batches, no OneCycle schedule for 4 steps, CPU).
+script (tiny epochs and batches, no lr schedule for 4 steps, CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TINY = [
     "--trainer.enable_progress_bar=false",
     "--data.init_args.batch_size=32",
     "--data.init_args.eval_batch_size=64",
-    "--model.init_args.lr_schedule=null",  # OneCycle cannot split 4 steps into phases
+    "--model.init_args.lr_schedule=null",  # a schedule over 4 steps would only add noise
 ]
 CPU_TASKS = ["--gres=none", "--cpus-per-task=1", "--nodes=1"]
 TEACHER_CKPT = Path("runs/fashion_mnist/teacher/checkpoints/final.ckpt")
