@@ -904,8 +904,8 @@ def main() -> None:
     lines.append(
         f"- MNIST-1D with a larger transfer set (one seed): the training file plus the training split of "
         f"{budget.mnist1d_generated} signals generated with another seed; {n_extra} inputs train once the "
-        f"validation split is held out. Distilled for {budget.transfer_epochs} epochs without a single label, "
-        f"the student: {_closed_words(closed)} The transfer set need not be labelled (the paper: "
+        f"validation split is held out. Distilled for {budget.transfer_epochs} epochs without a single label: "
+        f"{_closed_words(closed)} The transfer set need not be labelled (the paper: "
         'it "could consist entirely of unlabeled data"). Trained on the true labels of the same inputs it '
         f"reaches {100 * label_acc:.2f}%, "
         + (
