@@ -14,10 +14,17 @@ STATE=${KD_SLURM_STATE:-/var/tmp/kd-slurm}   # spool, state and logs of this clu
 # The node's name must resolve: Lightning's MASTER_ADDR is the first name of SLURM_NODELIST.
 NODE=$(hostname -s)
 
-if [[ ${1:-} == --stop ]]; then
+stop_daemons() {
     for pidfile in "$STATE"/slurmd.pid "$STATE"/slurmctld.pid; do
         [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
+    for _ in $(seq 1 20); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0
+        sleep 0.5
+    done
+}
+if [[ ${1:-} == --stop ]]; then
+    stop_daemons
     exit 0
 fi
 if [[ $(id -u) != 0 ]]; then
@@ -48,9 +55,12 @@ fi
 munge -n | unmunge >/dev/null
 
 mkdir -p "$STATE"/ctld "$STATE"/d
-CPUS=$(nproc)
+# Not `nproc`: it honours OMP_NUM_THREADS, and a shell with OMP_NUM_THREADS=1 would declare a 1-CPU node
+# on which no 2-task job can ever start.
+CPUS=$(getconf _NPROCESSORS_ONLN)
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 mkdir -p /etc/slurm
+OLD_CONF=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
 cat > /etc/slurm/slurm.conf <<EOF
 # Written by kd-lightning scripts/slurm/setup_local_cluster.sh: one node on loopback.
 ClusterName=kdlocal
@@ -80,6 +90,10 @@ PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscr
 EOF
 # Debian's packages look for the file where they were built to (either location).
 [[ -e /etc/slurm-llnl ]] || ln -s /etc/slurm /etc/slurm-llnl 2>/dev/null || true
+# Daemons started from another configuration (say, another CPU count) would keep it: restart them.
+if [[ $OLD_CONF != "$(cat /etc/slurm/slurm.conf)" ]]; then
+    stop_daemons
+fi
 
 if ! scontrol ping 2>/dev/null | grep -q UP; then
     slurmctld -c   # -c: forget jobs of an earlier cluster in $STATE
