@@ -654,9 +654,10 @@ def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
     pooled = pool_by_cover(reports)
     covered = [row for row in pooled if row["cover"] > 0]
     if len(covered) == len(pooled) == 1:
+        k = covered[0]["cover"]
         words += (
-            "; the groups partition the classes, so every class has exactly one specialist: conditional "
-            "accuracy equals test accuracy and Table 4 has a single row"
+            f"; every class is covered by exactly {k} specialist{'s' if k > 1 else ''}: conditional accuracy "
+            "equals test accuracy and Table 4 has a single row"
         )
     rel = [
         (r["acc"]["kl"] - r["acc"]["generalist"]) / r["acc"]["generalist"]
