@@ -18,6 +18,7 @@ from kd_lightning.clustering import (
     PredictionCollector,
     class_matrix,
     cluster_classes,
+    drop_duplicate_groups,
     drop_small_groups,
 )
 
@@ -178,7 +179,7 @@ class ConfusionClustering(L.Callback):
             max_size=self.max_size,
             overlap=self.overlap,
         )
-        kept = drop_small_groups(partition, self.min_specialist_size)
+        kept = drop_duplicate_groups(drop_small_groups(partition, self.min_specialist_size))
         if not kept:
             raise ValueError(
                 f"ConfusionClustering: every group of {partition} is smaller than `min_specialist_size`="

@@ -399,6 +399,24 @@ def drop_small_groups(groups: Sequence[Sequence[int]], min_size: int) -> list[li
     return [list(g) for g in groups if len(g) >= min_size]
 
 
+def drop_duplicate_groups(groups: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The groups without repeats of the same class set (first kept). With ``overlap`` > 1 two groups can
+    each take the other's classes as second memberships and end up equal: one specialist would do.
+
+    Example:
+        >>> drop_duplicate_groups([[0, 1, 2], [3, 4], [2, 1, 0]])
+        [[0, 1, 2], [3, 4]]
+    """
+    seen: set[tuple[int, ...]] = set()
+    kept = []
+    for g in groups:
+        key = tuple(sorted(g))
+        if key not in seen:
+            seen.add(key)
+            kept.append(list(g))
+    return kept
+
+
 def groups_to_labels(groups: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
     """Label vector of a partition (each class's first group; ``-1`` where a class is in no group).
 

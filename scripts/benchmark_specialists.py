@@ -61,18 +61,9 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
 
 
 def synthetic_run(
-    seed: int,
-    out: Path,
-    quick: bool,
-    hidden: int = 64,
-    specialist_epochs: int = 3,
-    soft_weight: float = 0.0,
-    overlap: int = 1,
+    seed: int, out: Path, quick: bool, hidden: int = 64, specialist_epochs: int = 3, soft_weight: float = 0.0
 ) -> dict[str, Any]:
-    """Generalist, clustering, specialists and combination on the planted-groups data, for one seed.
-
-    ``overlap`` > 1 puts each class in that many groups (ConfusionClustering's ``overlap``), so that
-    several specialists cover it, as in the paper's Table 4."""
+    """Generalist, clustering, specialists and combination on the planted-groups data, for one seed."""
     import lightning as L
     import torch
     from sklearn.metrics import adjusted_rand_score
@@ -116,7 +107,7 @@ def synthetic_run(
 
     L.seed_everything(seed)
     data = IndexedDataModule(source, batch_size=128, eval_batch_size=1000, val_size=1000)
-    clustering = ConfusionClustering(10, str(out / "groups.json"), overlap=overlap)
+    clustering = ConfusionClustering(10, str(out / "groups.json"))
     generalist = ClassifierModule(net, classes, shape, optimizer=partial(torch.optim.AdamW, lr=3e-3))
     trainer = L.Trainer(
         max_epochs=2 if quick else 15, callbacks=[clustering], enable_checkpointing=False, **quiet, **limits

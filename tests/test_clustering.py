@@ -253,6 +253,21 @@ def test_dedicated_validate_run(tmp_path):
         quiet_trainer(tmp_path, callbacks=[singletons]).validate(model, data, verbose=False)
 
 
+def test_overlap_that_makes_equal_groups_keeps_one(tmp_path):
+    """Two groups, each class in both: the groups are equal, and one specialist is enough."""
+    L.seed_everything(0)
+    source = Synthetic(
+        num_superclasses=2, classes_per_superclass=3, dim=8, train_per_class=30, test_per_class=5
+    )
+    data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=60)
+    model = ClassifierModule(partial(MLP, hidden=(8,)), 6, (8,))
+    callback = ConfusionClustering(2, str(tmp_path / "groups.json"), overlap=2, plot=False)
+    quiet_trainer(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
+    groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)
+    assert groups.groups == [list(range(6))]
+    assert len(groups.source["partition"]) == 2
+
+
 def test_bad_callback_arguments():
     with pytest.raises(ValueError, match=r"`matrix` must be one of \['confusion', 'covariance'\], got 'cov'"):
         ConfusionClustering(3, "g.json", matrix="cov")
