@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_kd, benchmark_specialists: their runs are reused
 
 from datamodules import MNIST1D, FashionMNIST, IndexedDataModule  # noqa: E402
 from datamodules.base import ClassificationSource  # noqa: E402
@@ -433,7 +434,6 @@ def fmnist_gap(
 ) -> dict[str, Any]:
     """Fashion-MNIST gap closure: scripts/benchmark_kd.py's ``full`` regime (students of the shipped
     student.yaml and distill_cached.yaml), reused when finished, so the two scripts never disagree."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_kd import run_regime
 
     alone, distilled = run_regime("full", list(seeds), teacher, workdir, overrides)
@@ -621,7 +621,6 @@ def ensembles(
 def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
     """Generalist + specialists of scripts/benchmark_specialists.py: planted groups (MLP 16) and
     Fashion-MNIST (the main job's teacher as generalist; finished specialists are reused)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark_specialists as bs
 
     out = workdir / "runs" / "reproduce" / "specialists_synthetic"
@@ -634,7 +633,6 @@ def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, l
 
 def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
     """Whether the specialists help, as in the paper, and whether the help grows with coverage (Table 4)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_specialists import pool_by_cover
 
     gains = [r["acc"]["kl"] - r["acc"]["generalist"] for r in reports]
@@ -670,7 +668,6 @@ def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
 
 def _specialist_lines(title: str, reports: list[dict[str, Any]], picture: str) -> list[str]:
     """One dataset's rows of the specialists section: Table 3 (overall and conditional) and Table 4."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_specialists import pool_by_cover
 
     def col(key: str, sub: str) -> list[float]:
@@ -737,7 +734,6 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _plot_specialists(reports: list[dict[str, Any]], title: str, path: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_specialists import pool_by_cover
 
     from kd_lightning.plots import plot_specialist_breakdown
