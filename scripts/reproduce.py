@@ -1,6 +1,6 @@
 """Reproduce, at small scale and offline, the experiments of Hinton, Vinyals & Dean (2015), and write a report.
 
-    OMP_NUM_THREADS=1 python scripts/reproduce.py           # or: make reproduce   (~25 min, 1 thread)
+    OMP_NUM_THREADS=1 python scripts/reproduce.py           # or: make reproduce (1 thread; ~17 min reusing, ~70 fresh)
     OMP_NUM_THREADS=1 python scripts/reproduce.py --quick   # tiny epochs and subsets: plumbing check
 
 Writes docs/reproduction.md and its pictures under docs/reproduction/. Every number in the report is one
