@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_kd, benchmark_specialists: their runs are reused
 
+import benchmark_specialists as bs  # noqa: E402
+from benchmark_kd import run_regime  # noqa: E402
+
 from datamodules import MNIST1D, FashionMNIST, IndexedDataModule  # noqa: E402
 from datamodules.base import ClassificationSource  # noqa: E402
 from kd_lightning.ensemble import predict_logits  # noqa: E402
@@ -434,8 +437,6 @@ def fmnist_gap(
 ) -> dict[str, Any]:
     """Fashion-MNIST gap closure: scripts/benchmark_kd.py's ``full`` regime (students of the shipped
     student.yaml and distill_cached.yaml), reused when finished, so the two scripts never disagree."""
-    from benchmark_kd import run_regime
-
     alone, distilled = run_regime("full", list(seeds), teacher, workdir, overrides)
 
     def row(acc: float) -> tuple[int, float]:
@@ -621,8 +622,6 @@ def ensembles(
 def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
     """Generalist + specialists of scripts/benchmark_specialists.py: planted groups (MLP 16) and
     Fashion-MNIST (the main job's teacher as generalist; finished specialists are reused)."""
-    import benchmark_specialists as bs
-
     out = workdir / "runs" / "reproduce" / "specialists_synthetic"
     synthetic = [bs.synthetic_run(seed, out / f"seed{seed}", quick, hidden=16) for seed in seeds]
     generalist = bs.fashion_mnist_generalist(workdir, quick)
@@ -633,13 +632,11 @@ def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, l
 
 def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
     """Whether the specialists help, as in the paper, and whether the help grows with coverage (Table 4)."""
-    from benchmark_specialists import pool_by_cover
-
     gains = [r["acc"]["kl"] - r["acc"]["generalist"] for r in reports]
     words = f"the specialists change test accuracy by {_ms(gains, 100)} points; " + (
         "like the paper, they help" if min(gains) > 0 else "unlike the paper, they do not help on every seed"
     )
-    pooled = pool_by_cover(reports)
+    pooled = bs.pool_by_cover(reports)
     covered = [row for row in pooled if row["cover"] > 0]
     if len(covered) == len(pooled) == 1:
         k = covered[0]["cover"]
@@ -668,7 +665,6 @@ def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
 
 def _specialist_lines(title: str, reports: list[dict[str, Any]], picture: str) -> list[str]:
     """One dataset's rows of the specialists section: Table 3 (overall and conditional) and Table 4."""
-    from benchmark_specialists import pool_by_cover
 
     def col(key: str, sub: str) -> list[float]:
         return [r[key][sub] for r in reports]
@@ -689,7 +685,7 @@ def _specialist_lines(title: str, reports: list[dict[str, Any]], picture: str) -
         "| specialists covering the true class | test inputs (all seeds) | generalist (%) | KL (%) | relative change | paper |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in pool_by_cover(reports):
+    for row in bs.pool_by_cover(reports):
         k, g, c = row["cover"], row["acc"]["generalist"], row["acc"]["kl"]
         rel = f"{100 * (c - g) / g:+.1f}%" if g else "n/a"
         lines.append(
@@ -734,13 +730,11 @@ def _plot_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _plot_specialists(reports: list[dict[str, Any]], title: str, path: Path) -> Path:
-    from benchmark_specialists import pool_by_cover
-
     from kd_lightning.plots import plot_specialist_breakdown
 
     acc = {m: statistics.fmean(r["acc"][m] for r in reports) for m in ("generalist", "kl")}
     return plot_specialist_breakdown(
-        {"acc": acc, "by_cover": pool_by_cover(reports)}, path, title=f"{title}, {len(reports)} seeds"
+        {"acc": acc, "by_cover": bs.pool_by_cover(reports)}, path, title=f"{title}, {len(reports)} seeds"
     )
 
 

@@ -2,24 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_specialists", ROOT / "scripts" / "benchmark_specialists.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_specialists"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bs = _load()
+bs = load_script("benchmark_specialists")
 
 
 def _row(cover, count, gen, kl):

@@ -234,14 +234,20 @@ def test_trained_generalist_recovers_planted_groups(tmp_path):
     assert callback.state_dict()["groups"] == groups.groups
 
 
-def test_dedicated_validate_run(tmp_path):
-    """`trainer.validate` with the callback is a clustering run of an existing model."""
+@pytest.fixture
+def six_classes():
+    """An untrained 6-class MLP and its data: two superclasses of three classes."""
     L.seed_everything(0)
     source = Synthetic(
         num_superclasses=2, classes_per_superclass=3, dim=8, train_per_class=30, test_per_class=5
     )
     data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=60)
-    model = ClassifierModule(partial(MLP, hidden=(8,)), 6, (8,))
+    return ClassifierModule(partial(MLP, hidden=(8,)), 6, (8,)), data
+
+
+def test_dedicated_validate_run(tmp_path, six_classes):
+    """`trainer.validate` with the callback is a clustering run of an existing model."""
+    model, data = six_classes
     callback = ConfusionClustering(2, str(tmp_path / "groups.json"), min_specialist_size=1, plot=False)
     quiet_trainer(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
     groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)
@@ -253,14 +259,9 @@ def test_dedicated_validate_run(tmp_path):
         quiet_trainer(tmp_path, callbacks=[singletons]).validate(model, data, verbose=False)
 
 
-def test_overlap_that_makes_equal_groups_keeps_one(tmp_path):
+def test_overlap_that_makes_equal_groups_keeps_one(tmp_path, six_classes):
     """Two groups, each class in both: the groups are equal, and one specialist is enough."""
-    L.seed_everything(0)
-    source = Synthetic(
-        num_superclasses=2, classes_per_superclass=3, dim=8, train_per_class=30, test_per_class=5
-    )
-    data = IndexedDataModule(source, batch_size=32, eval_batch_size=64, val_size=60)
-    model = ClassifierModule(partial(MLP, hidden=(8,)), 6, (8,))
+    model, data = six_classes
     callback = ConfusionClustering(2, str(tmp_path / "groups.json"), overlap=2, plot=False)
     quiet_trainer(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
     groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinySource
+from conftest import TinySource, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-repro = _load()
+repro = load_script("reproduce")
 TINY = repro.Budget(limit_batches=2, seeds=(0,))
 DM = {"batch_size": 32, "eval_batch_size": 64, "val_size": 64}
 

@@ -4,15 +4,14 @@ the training script."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 from trainers import quiet_trainer
 
@@ -35,7 +34,6 @@ from kd_lightning.specialists import (
     oversampling_factor,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 NET = partial(MLP, hidden=(16,))
 
 
@@ -384,12 +382,7 @@ def test_specialist_bad_inputs(tmp_path):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "train_specialists", ROOT / "scripts" / "train_specialists.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_specialists")
 
 
 CONFIG = """
