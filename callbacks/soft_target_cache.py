@@ -1,8 +1,12 @@
 """SoftTargetCache: the teacher runs once into a :mod:`~kd_lightning.store`, every student trains from it.
 
 At the start of fitting the callback checks the store of each split it serves (``<path>/<split>``) against
-the current teacher, data, transform and encoding; a missing or stale store is rebuilt (or, with
-``rebuild=False``, fitting stops with an error listing what differs). During training and evaluation it
+the current teacher, data, transform and encoding, and verifies its content (one read pass: the
+checksums of its header, and every soft target finite); a missing, stale or corrupt store is rebuilt
+with a warning saying what differed (or, with ``rebuild=False``, fitting stops with an error naming the
+store, the array and the first bad row). Before the teacher runs, a build checks that it can write
+the store and that the store it replaces holds only its own files (a file of the user's there stops the
+run, naming it; nothing is deleted); leftovers of killed builds are removed. During training and evaluation it
 puts the stored logits into ``batch["teacher_logits"]`` (fp32, ``(N, C)``, on the module's device), keyed
 by ``batch["index"]`` (and ``batch["view"]``), and :class:`~kd_lightning.modules.DistillationModule` then
 never runs its teacher for those batches.
@@ -38,12 +42,14 @@ from typing_extensions import override
 
 from kd_lightning.store import (
     INDEX,
+    CorruptStoreError,
     Encoding,
     SoftTargetStore,
     StaleStoreError,
     StoreError,
     StoreWriter,
     array_sha256,
+    check_can_build,
     compare,
     describe,
     file_sha256,
@@ -82,7 +88,7 @@ class SoftTargetCache(Callback):
         top_k: ``k`` for ``kind="topk"``.
         views: ``None`` for fixed mode; ``V >= 1`` stored augmentation views per training sample
             (augmentation-consistent mode, needs the DataModule's ``augment_seed``).
-        rebuild: rebuild a missing or stale store; ``False`` raises instead, touching nothing.
+        rebuild: rebuild a missing, stale or corrupt store; ``False`` raises instead, touching nothing.
         batch_size: teacher batch size while building.
         splits: splits served from stores (``"train"``, ``"val"``, ``"test"``); ``"val"``/``"test"`` give
             teacher agreement in evaluation without a teacher.
@@ -326,6 +332,7 @@ class SoftTargetCache(Callback):
                     "once the new one is complete), or point `path` at another directory.",
                     differences,
                 )
+            self._check_can_build(trainer, path)
             if differences:  # replacing soft targets of another teacher, transform or encoding: say so loudly
                 rank_zero_warn(f"SoftTargetCache: rebuilding {str(path)!r}, which {reason}.")
             else:
@@ -375,9 +382,29 @@ class SoftTargetCache(Callback):
         if differences:
             return None, "is stale: " + "; ".join(differences), differences
         try:
-            return SoftTargetStore.open(path), "", []
+            return SoftTargetStore.open(path, verify=True), "", []
+        except CorruptStoreError as err:
+            return None, f"is corrupt: {err}", [str(err)]
         except StoreError as err:
             return None, f"cannot be used: {err}", [str(err)]
+
+    def _check_can_build(self, trainer: L.Trainer, path: Path) -> None:
+        """Before the teacher runs: the store can be written, and replacing it loses nothing of the user's.
+
+        Checked on every process (one shared filesystem, or not); all raise if any fails.
+        """
+        error = None
+        try:
+            check_can_build(path)
+        except StoreError as err:
+            error = err
+        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
+            if error is not None:
+                raise StoreError(f"SoftTargetCache `path`: {error}") from error
+            raise StoreError(
+                f"SoftTargetCache `path`: the soft-target store {str(path)!r} cannot be built on another "
+                "process (see its error)."
+            )
 
     def _teacher_differences(
         self, trainer: L.Trainer, pl_module: L.LightningModule, header: dict[str, Any]
@@ -455,6 +482,8 @@ class SoftTargetCache(Callback):
             writer = StoreWriter.create(
                 path, self.encoding, identity["num_classes"], dataset.indices, views, identity, token
             )
+            for leftover in writer.removed_leftovers:
+                rank_zero_info(f"SoftTargetCache: removed {str(leftover)!r}, left by an interrupted build.")
         strategy.barrier("soft_target_cache:create")
         if rank != 0:
             writer = StoreWriter.attach(path, token)
@@ -485,7 +514,7 @@ class SoftTargetCache(Callback):
                 }
             )
         strategy.barrier("soft_target_cache:committed")
-        store = SoftTargetStore.open(path)
+        store = SoftTargetStore.open(path, verify=False)  # the commit has just hashed and checked it
         seconds = time.perf_counter() - start_time
         # Soft targets only: the 8-byte sample index per row is the same for every format.
         size = sum(

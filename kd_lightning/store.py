@@ -19,11 +19,35 @@ teacher's fingerprint (:func:`teacher_fingerprint`), the dataset's (name, split,
 targets, indices and a sample of inputs), the transform the teacher saw, the number of classes and of
 views, per-array SHA-256 checksums and, last, ``"complete": true``.
 
-Writes are atomic: :class:`StoreWriter` fills a hidden temporary directory beside the final path, writes
-the header there last, then renames the directory into place (moving any store it replaces aside and
-deleting it only after the new one is in place). A crash leaves at worst a hidden temporary
-directory, never a store that looks complete; :meth:`SoftTargetStore.open` refuses incomplete,
-truncated and foreign directories, and :func:`compare` lists how a store differs from what a run needs.
+Writes are atomic: :class:`StoreWriter` fills a hidden temporary directory ``.<name>.tmp-<token>``
+beside the final path, writes the complete header there last, then renames the directory into place
+(moving any store it replaces aside as ``.<name>.old-<token>`` and deleting it only after the new one is
+in place). A crash leaves at worst a hidden temporary directory, never a store that looks complete; the
+next build of the same store removes it (:func:`remove_leftovers`: only directories of that name that
+hold a header of this format and no file the store did not write).
+
+What is verified, when:
+
+- **writing** (:meth:`StoreWriter.write`): the teacher's outputs are finite, and so is what the dtype on
+  disk makes of them (an fp16 logit beyond 65504 is refused, not stored as inf); top-k log-probabilities
+  are floored at :data:`LOG_PROB_FLOOR` (``exp`` is 0 either way), so every stored value is finite, but
+  ``log_residual``, which is ``-inf`` when ``k == C``.
+- **committing** (:meth:`StoreWriter.commit`): one read pass over every array computes its SHA-256 for
+  the header and checks every value again (rows written by other processes included); a non-finite
+  value, or a file in the directory being replaced that the old store did not write, aborts the build
+  and nothing is published or deleted.
+- **before a build** (:func:`check_can_build`): the directory can be created and written (a real write
+  probe, not permission bits), no file stands where the store's directory should be, and a store it
+  would replace holds only its own files.
+- **opening** (:meth:`SoftTargetStore.open`, by default): header format, version and completeness,
+  array sizes, then :meth:`SoftTargetStore.verify`: one read pass over every array, comparing its SHA-256
+  with the header and checking every soft target is finite (``log_residual`` may be ``-inf`` only when
+  ``k == C``). It reads the whole store once (about 1 GB/s, see ``scripts/benchmark_cache.py``);
+  ``open(path, verify=False)`` skips it where the bytes were just checked (right after a commit).
+
+:meth:`SoftTargetStore.open` refuses incomplete, truncated, corrupt and foreign directories, naming the
+array and, for non-finite values, the first bad row; :func:`compare` lists how a store differs from what
+a run needs.
 """
 
 from __future__ import annotations
@@ -32,9 +56,10 @@ import hashlib
 import json
 import math
 import os
-import shutil
+import socket
 import sys
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +94,21 @@ class StoreError(ValueError):
 
     The message names the store's path and what was expected and found.
     """
+
+
+class CorruptStoreError(StoreError):
+    """A complete store whose bytes are not what its header says, or that holds non-finite soft targets.
+
+    Attributes:
+        array: the array file at fault, e.g. ``"logits.bin"``.
+        row: ``(view, row, sample index)`` of the first non-finite soft target, or ``None`` when only the
+            checksum differs.
+    """
+
+    def __init__(self, message: str, array: str, row: tuple[int, int, int] | None = None) -> None:
+        super().__init__(message)
+        self.array = array
+        self.row = row
 
 
 class StaleStoreError(StoreError):
@@ -340,6 +380,169 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Verifying: checksum and values in one read pass
+
+# Bit pattern of each value dtype: (unsigned view, exponent mask, -inf). A value is finite unless all its
+# exponent bits are set (inf or NaN); comparing bits is five times faster than np.isfinite on fp16.
+_BITS = {
+    "float32": (np.dtype("<u4"), 0x7F800000, 0xFF800000),
+    "float16": (np.dtype("<u2"), 0x7C00, 0xFC00),
+    "bfloat16": (np.dtype("<u2"), 0x7F80, 0xFF80),
+}
+_CHUNK_BYTES = 1 << 24
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one read pass over an array found.
+
+    Attributes:
+        sha256: the file's checksum, ``"sha256:<hex>"``.
+        bad_rows: number of rows (of the flattened leading dimensions) holding a refused value.
+        first_bad: flat index of the first such row, or ``None``.
+        first_value: the first refused value (``nan``, ``inf``, ``-inf``), or ``None``.
+    """
+
+    sha256: str
+    bad_rows: int = 0
+    first_bad: int | None = None
+    first_value: float | None = None
+
+
+def scan_array(
+    file: str | Path,
+    shape: tuple[int, ...],
+    itemsize: int,
+    values: str | None = None,
+    allow_neg_inf: bool = False,
+    chunk_bytes: int = _CHUNK_BYTES,
+) -> ScanResult:
+    """SHA-256 of an array file and, from the same chunks, the rows holding non-finite values.
+
+    A row is the last dimension of a 3-d array and one element of a 2-d one; chunks hold whole rows, so
+    the file is read exactly once, whatever its size.
+
+    Args:
+        file: the array file.
+        shape: its shape; the file holds ``prod(shape) * itemsize`` bytes.
+        itemsize: bytes per element.
+        values: value dtype to check (``"float32"``, ``"float16"``, ``"bfloat16"``), or ``None`` to only
+            hash (the index, class ids).
+        allow_neg_inf: ``-inf`` is a valid value (``log_residual`` when ``k == C``).
+        chunk_bytes: read size, rounded down to whole rows.
+
+    Raises:
+        OSError: the file cannot be read.
+
+    Example:
+        >>> import tempfile
+        >>> f = Path(tempfile.mkdtemp()) / "a.bin"
+        >>> _ = f.write_bytes(np.array([[0, 1], [np.nan, 2], [3, np.inf]], "<f2").tobytes())
+        >>> r = scan_array(f, (1, 3, 2), 2, "float16")  # 1 view, 3 rows of 2 classes
+        >>> r.bad_rows, r.first_bad, r.first_value
+        (2, 1, nan)
+        >>> r.sha256 == file_sha256(f)
+        True
+    """
+    row_elems = shape[-1] if len(shape) >= 3 else 1
+    row_bytes = max(1, row_elems * itemsize)
+    chunk = max(1, chunk_bytes // row_bytes) * row_bytes
+    h = hashlib.sha256()
+    bad_rows, first_bad, first_value, rows_done = 0, None, None, 0
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(file, "rb") as f:
+        while n := f.readinto(view):
+            if n % row_bytes:  # a short read mid-row (pipes, some network filesystems): finish the row
+                while n % row_bytes and (more := f.readinto(view[n:chunk])):
+                    n += more
+            h.update(view[:n])
+            if values is not None:
+                utype, exponent, neg_inf = _BITS[values]
+                bits = np.frombuffer(buffer, utype, count=n // utype.itemsize)
+                bad = (bits & exponent) == exponent
+                if allow_neg_inf:
+                    bad &= bits != neg_inf
+                if bad.any():
+                    rows = bad.reshape(-1, row_elems).any(1)
+                    bad_rows += int(rows.sum())
+                    if first_bad is None:
+                        first_bad = rows_done + int(np.argmax(rows))
+                        first_value = _as_float(bits[int(np.argmax(bad))], values)
+            rows_done += n // row_bytes
+    return ScanResult("sha256:" + h.hexdigest(), bad_rows, first_bad, first_value)
+
+
+def _as_float(bits: np.integer, dtype: str) -> float:
+    if dtype == "bfloat16":  # the upper half of a float32
+        return float(np.array([int(bits) << 16], "<u4").view("<f4")[0])
+    return float(np.array([bits]).view(_NUMPY[dtype])[0])
+
+
+def value_checks(encoding: Encoding, num_classes: int) -> dict[str, tuple[str, bool]]:
+    """Array name -> (value dtype, whether ``-inf`` is allowed) of the arrays whose values are checked.
+
+    Example:
+        >>> value_checks(Encoding("topk", "float16", 3), 3)
+        {'values.bin': ('float16', False), 'log_residual.bin': ('float16', True)}
+    """
+    if encoding.kind == "logits":
+        return {"logits.bin": (encoding.dtype, False)}
+    return {
+        "values.bin": (encoding.dtype, False),
+        "log_residual.bin": (encoding.dtype, encoding.top_k == num_classes),
+    }
+
+
+def _scan_store(
+    path: Path, header: Mapping[str, Any], indices: np.ndarray, check_sums: bool
+) -> dict[str, str]:
+    """Scan every array of the store (or build) at ``path``; return the checksums.
+
+    Raises:
+        CorruptStoreError: a non-finite value, or (``check_sums``) a checksum that differs from the header.
+    """
+    encoding = Encoding(**{k: header["encoding"][k] for k in ("kind", "dtype", "top_k")})
+    checks = value_checks(encoding, int(header["num_classes"]))
+    sums = {}
+    for name, spec in header["arrays"].items():
+        shape = tuple(spec["shape"])
+        values, neg_inf = checks.get(name, (None, False))
+        if math.prod(shape) == 0:
+            sums[name] = "sha256:" + hashlib.sha256(b"").hexdigest()
+            continue
+        found = scan_array(path / name, shape, np.dtype(spec["dtype"]).itemsize, values, neg_inf)
+        sums[name] = found.sha256
+        changed = check_sums and found.sha256 != spec.get("sha256")
+        if found.first_bad is not None:
+            length = shape[1]
+            view, row = divmod(found.first_bad, length)
+            sample = int(indices[row]) if row < len(indices) else -1
+            allowed = "finite (or -inf, as top-k == num_classes writes it)" if neg_inf else "finite"
+            raise CorruptStoreError(
+                f"soft-target store {str(path)!r}: array {name!r} holds non-finite soft targets: "
+                f"{found.bad_rows} of its {math.prod(shape[:2])} rows, the first at view {view}, row {row} "
+                f"(sample index {sample}), value {found.first_value}; every value must be {allowed}. "
+                + (
+                    f"Its checksum differs from the header's too ({found.sha256}, header "
+                    f"{spec.get('sha256')}): the file changed after the store was written."
+                    if changed
+                    else "Its checksum is the one the header records: the store was written so."
+                )
+                + " Rebuild the store.",
+                name,
+                (view, row, sample),
+            )
+        if changed:
+            raise CorruptStoreError(
+                f"soft-target store {str(path)!r}: array {name!r} has checksum {found.sha256}, the header "
+                f"records {spec.get('sha256')}: its bytes changed after the store was written. Rebuild it.",
+                name,
+            )
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading
 
 
@@ -379,13 +582,20 @@ class SoftTargetStore:
         return f"SoftTargetStore({str(self.path)!r}, {fmt} {e.dtype}, {len(self)} samples x {self.num_views} views)"
 
     @classmethod
-    def open(cls, path: str | Path) -> SoftTargetStore:
-        """Open the complete store at ``path``.
+    def open(cls, path: str | Path, verify: bool = True) -> SoftTargetStore:
+        """Open the complete store at ``path``, by default verifying its content first (:meth:`verify`).
+
+        Args:
+            path: the store's directory.
+            verify: read the whole store once to check its checksums and values; ``False`` only where
+                the bytes were just checked (the store a commit has just published).
 
         Raises:
             FileNotFoundError: no directory at ``path``.
             StoreError: no or unreadable header, another format or version, an incomplete build, or an
                 array file missing or of the wrong size (truncated); the message names the path.
+            CorruptStoreError: (``verify``) an array's checksum differs from the header, or it holds a
+                non-finite soft target (the message names the array and the first bad row).
         """
         path = Path(path)
         header = read_header(path)
@@ -408,21 +618,22 @@ class SoftTargetStore:
                 )
             # An empty file cannot be memory-mapped; an empty array needs no file contents.
             arrays[name] = np.memmap(file, dtype, "r", shape=shape) if expected else np.zeros(shape, dtype)
-        return cls(path, header, arrays)
+        store = cls(path, header, arrays)
+        if verify:
+            store.verify()
+        return store
 
     def verify(self) -> None:
-        """Recompute every array's SHA-256 and compare with the header (reads the whole store).
+        """Read every array once: its SHA-256 must be the header's and every soft target finite.
+
+        ``log_residual`` may be ``-inf`` when ``k == C`` (what :func:`topk_encode` writes then).
 
         Raises:
-            StoreError: an array's bytes changed since the store was written.
+            CorruptStoreError: an array's bytes changed since the store was written, or it holds a
+                non-finite soft target; the message names the store, the array and the first bad row
+                (view, row and sample index).
         """
-        for name, spec in self.header["arrays"].items():
-            found = file_sha256(self.path / name)
-            if found != spec["sha256"]:
-                raise StoreError(
-                    f"soft-target store {str(self.path)!r}: array file {name!r} has checksum {found}, the "
-                    f"header records {spec['sha256']}: it changed after the store was written. Rebuild it."
-                )
+        _scan_store(self.path, self.header, self.indices, check_sums=True)
 
     def rows(self, index: Tensor | np.ndarray) -> np.ndarray:
         """Rows of the sample indices ``index``.
@@ -500,9 +711,14 @@ def read_header(path: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no directory at ``path``.
         StaleStoreError: a store of another format version.
-        StoreError: the directory is not a soft-target store.
+        StoreError: the directory is not a soft-target store, or ``path`` is a file.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(
+            f"{str(path)!r} is not a soft-target store: it is a file, where the store's directory should be; "
+            "move it away."
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"soft-target store {str(path)!r}: no such directory.")
     try:
@@ -537,6 +753,189 @@ def new_token() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _own_files(header: Mapping[str, Any]) -> set[str]:
+    # What a store (or a build) writes into its directory: its arrays, its header, the staged header.
+    return {*header.get("arrays", {}), HEADER, HEADER + ".new"}
+
+
+def _raw_header(path: Path) -> dict[str, Any] | None:
+    """The header of our format in directory ``path`` (any version, complete or not), or ``None``."""
+    try:
+        header = json.loads((path / HEADER).read_text())
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) and header.get("format") == FORMAT else None
+
+
+def foreign_files(path: str | Path) -> list[str]:
+    """Names in the store directory ``path`` that its header does not list (so the store did not write).
+
+    Returns ``[]`` when ``path`` is not a directory.
+
+    Raises:
+        StoreError: ``path`` is a directory without a header of this format (not a store at all).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    header = _raw_header(path)
+    if header is None:
+        raise StoreError(
+            f"{str(path)!r} is not a soft-target store: it has no {HEADER} of format {FORMAT!r}."
+        )
+    own = _own_files(header)
+    return sorted(p.name for p in path.iterdir() if p.name not in own)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise unless the store at ``path`` (if any) holds only files it wrote, so replacing it loses nothing.
+
+    Raises:
+        StoreError: the directory holds a file (or directory) its header does not list; the message names
+            it and says what to do. Nothing is deleted.
+    """
+    path = Path(path)
+    extra = foreign_files(path)
+    if extra:
+        shown = ", ".join(repr(name) for name in extra[:5]) + (
+            f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        )
+        raise StoreError(
+            f"refusing to replace the soft-target store {str(path)!r}: it holds {shown}, which the store did "
+            f"not write (its {HEADER} lists {sorted(_raw_header(path).get('arrays', {}))}), and replacing the "
+            f"store would delete it. Move {str(path / extra[0])!r} out of the store directory, or choose "
+            "another `path`; nothing was deleted."
+        )
+
+
+def check_can_build(path: str | Path) -> None:
+    """Check, before any work, that a store can be built at ``path`` and replace what is there.
+
+    The parent directory is created if missing and must take a new file (a real write probe: permission
+    bits say nothing to root or on some network filesystems); an existing store directory must take one
+    too (renaming a directory into place and deleting the old store need it), and must hold only its own
+    files (:func:`check_replaceable`).
+
+    Raises:
+        StoreError: a file stands where the store's directory (or one above it) should be, a directory
+            cannot be created or written, or the store holds files it did not write; the message names
+            the path.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(
+            f"cannot build the soft-target store {str(path)!r}: a file is there, where the store's directory "
+            "should be. Move it away, or choose another `path`."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(
+            f"cannot build the soft-target store {str(path)!r}: cannot create its directory "
+            f"{str(path.parent)!r} ({err}). Is a file in the way? Choose another `path`."
+        ) from err
+    _probe(path.parent, f".{path.name}.probe-{new_token()}", path)
+    if path.is_dir():
+        check_replaceable(path)
+        _probe(path, f".probe-{new_token()}", path)
+
+
+def _probe(directory: Path, name: str, store: Path) -> None:
+    probe = directory / name
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as err:
+        raise StoreError(
+            f"cannot build the soft-target store {str(store)!r}: cannot write in {str(directory)!r} "
+            f"({err.strerror}). A build writes beside the store and renames it into place: make "
+            f"{str(directory)!r} writable, or choose another `path`."
+        ) from err
+    os.close(fd)
+    os.unlink(probe)
+
+
+def remove_leftovers(path: str | Path, keep: str | None = None) -> list[Path]:
+    """Remove what interrupted builds of the store at ``path`` left beside it; return what was removed.
+
+    Candidates are the directories ``.<name>.tmp-<token>`` (a build killed before its commit) and
+    ``.<name>.old-<token>`` (a replaced store killed before its deletion). Only ours are touched: a
+    candidate is removed only if it holds a header of this format, and only the files that header lists
+    are deleted (header last). Anything else is left where it is, with a warning: a directory of that name
+    without our header, a file the header does not list, or a build still running (its header names a
+    live process on this host).
+
+    Args:
+        path: the store's final directory.
+        keep: a build token whose temporary directory is left alone (the build about to start).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / ".train.tmp-dead").mkdir()
+        >>> _ = (root / ".train.tmp-dead" / HEADER).write_text(json.dumps({"format": FORMAT, "arrays": {}}))
+        >>> [p.name for p in remove_leftovers(root / "train")], list(root.iterdir())
+        (['.train.tmp-dead'], [])
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    prefixes = (f".{path.name}.tmp-", f".{path.name}.old-")
+    for entry in sorted(path.parent.iterdir()):
+        if not entry.name.startswith(prefixes) or entry.name.rsplit("-", 1)[-1] == keep:
+            continue
+        header = _raw_header(entry) if entry.is_dir() and not entry.is_symlink() else None
+        if header is None:
+            warnings.warn(
+                f"{str(entry)!r} is named like a leftover build of the soft-target store {str(path)!r} but "
+                f"holds no {HEADER} of format {FORMAT!r}: left as it is. Delete it yourself if it is not yours.",
+                stacklevel=2,
+            )
+            continue
+        writer = header.get("build", {}) if header.get("complete") is not True else {}
+        if writer.get("host") == socket.gethostname() and _alive(writer.get("pid")):
+            warnings.warn(
+                f"{str(entry)!r}: a build of {str(path)!r} by process {writer['pid']} on this host, which is "
+                "still running: left as it is.",
+                stacklevel=2,
+            )
+            continue
+        if _remove_own(entry, header):
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_own(directory: Path, header: Mapping[str, Any]) -> bool:
+    """Delete the files a store's header lists (the header last), then the directory if it is empty.
+
+    Returns whether the directory is gone; what else it holds is left there, with a warning.
+    """
+    for name in [*header.get("arrays", {}), HEADER + ".new", HEADER]:
+        (directory / name).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        rest = sorted(p.name for p in directory.iterdir())
+        warnings.warn(
+            f"{str(directory)!r}: removed the soft-target files, left {rest}, which the store did not write.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
 class StoreWriter:
     """Write one store into a temporary directory beside its final path; :meth:`commit` publishes it.
 
@@ -552,7 +951,7 @@ class StoreWriter:
         >>> w.write(0, 0, torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 1.0]]))
         >>> w.commit().lookup(torch.tensor([9])).tolist()
         [[0.0, 0.0, 1.0]]
-        >>> shutil.rmtree(root)
+        >>> import shutil; shutil.rmtree(root)
     """
 
     def __init__(self, path: Path, tmp: Path, header: dict[str, Any]) -> None:
@@ -561,6 +960,9 @@ class StoreWriter:
         self.header = header
         self.encoding = Encoding(**{k: header["encoding"][k] for k in ("kind", "dtype", "top_k")})
         self.num_classes = int(header["num_classes"])
+        self.indices = np.fromfile(tmp / INDEX, dtype="<i8")
+        #: Leftovers of interrupted builds that :meth:`create` removed (see :func:`remove_leftovers`).
+        self.removed_leftovers: list[Path] = []
         self._arrays = {
             name: np.memmap(tmp / name, np.dtype(spec["dtype"]), "r+", shape=tuple(spec["shape"]))
             for name, spec in header["arrays"].items()
@@ -589,6 +991,9 @@ class StoreWriter:
             identity: header fields the store is recognised by (teacher, dataset, transform ...).
             token: build token shared by the processes of one build (default: a fresh one).
 
+        Leftovers of interrupted builds of the same store are removed first (:func:`remove_leftovers`;
+        listed in :attr:`removed_leftovers`).
+
         Raises:
             ValueError: ``top_k > num_classes``, repeated or negative indices, or ``num_views < 1``.
         """
@@ -599,15 +1004,14 @@ class StoreWriter:
         if not (isinstance(num_views, int) and num_views >= 1):
             raise ValueError(f"`num_views` must be a positive integer, got {num_views!r}.")
         layout = encoding.arrays(num_views, len(indices), num_classes)
-        tmp = temp_path(path, token or new_token())
+        token = token or new_token()
+        removed = remove_leftovers(path, keep=token)
+        tmp = temp_path(path, token)
         tmp.mkdir(parents=True)
-        (tmp / INDEX).write_bytes(indices.tobytes())
         arrays = {INDEX: {"dtype": indices.dtype.str, "shape": [len(indices)]}}
-        for name, (dtype, shape) in layout.items():
-            # Sized, not written: a sparse file that each process fills with its own rows.
-            with open(tmp / name, "wb") as f:
-                f.truncate(math.prod(shape) * dtype.itemsize)
-            arrays[name] = {"dtype": dtype.str, "shape": list(shape)}
+        arrays.update(
+            {name: {"dtype": dtype.str, "shape": list(shape)} for name, (dtype, shape) in layout.items()}
+        )
         header = {
             "format": FORMAT,
             "version": VERSION,
@@ -618,10 +1022,20 @@ class StoreWriter:
             "length": len(indices),
             "byteorder": "little",
             "arrays": arrays,
+            # Who is writing: a later build leaves this directory alone while the process lives.
+            "build": {"host": socket.gethostname(), "pid": os.getpid()},
             "complete": False,
         }
+        # The header first: from its first file on, the directory is recognisably ours (remove_leftovers).
         _write_json(tmp / HEADER, header)
-        return cls(path, tmp, header)
+        (tmp / INDEX).write_bytes(indices.tobytes())
+        for name, (dtype, shape) in layout.items():
+            # Sized, not written: a sparse file that each process fills with its own rows.
+            with open(tmp / name, "wb") as f:
+                f.truncate(math.prod(shape) * dtype.itemsize)
+        writer = cls(path, tmp, header)
+        writer.removed_leftovers = removed
+        return writer
 
     @classmethod
     def attach(cls, path: str | Path, token: str) -> StoreWriter:
@@ -631,7 +1045,17 @@ class StoreWriter:
         return cls(path, tmp, json.loads((tmp / HEADER).read_text()))
 
     def write(self, view: int, start: int, logits: Tensor) -> None:
-        """Encode ``logits`` (``(n, C)``, any float dtype) into rows ``start .. start + n`` of ``view``."""
+        """Encode ``logits`` (``(n, C)``, any float dtype) into rows ``start .. start + n`` of ``view``.
+
+        Top-k log-probabilities are floored at :data:`LOG_PROB_FLOOR` (their ``exp`` is 0 either way), so
+        that every stored value is finite (``log_residual`` is ``-inf`` when ``k == C``).
+
+        Raises:
+            ValueError: ``logits`` is not ``(n, C)``.
+            StoreError: a logit is not finite (NaN or inf: a diverged teacher), or overflows the store's
+                dtype (fp16 holds magnitudes up to 65504); the message names the view, row and sample index.
+                Nothing of that batch is written.
+        """
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"soft-target store {str(self.path)!r}: expected logits of shape (n, {self.num_classes}), "
@@ -639,19 +1063,46 @@ class StoreWriter:
             )
         stop = start + logits.shape[0]
         logits = logits.detach().float().cpu()
+        self._check_finite(logits, view, start, "the teacher's logits are not finite")
         if self.encoding.kind == "logits":
-            self._arrays["logits.bin"][view, start:stop] = self._encode(logits)
+            encoded = self._encode(logits)
+            self._check_finite(
+                self._decode(encoded), view, start, f"the teacher's logits overflow {self.encoding.dtype}"
+            )
+            self._arrays["logits.bin"][view, start:stop] = encoded
             return
         values, classes, log_residual = topk_encode(logits, self.encoding.top_k)
+        values = values.clamp_min(LOG_PROB_FLOOR)
+        if self.encoding.top_k < self.num_classes:
+            log_residual = log_residual.clamp_min(LOG_PROB_FLOOR)
         self._arrays["values.bin"][view, start:stop] = self._encode(values)
         self._arrays["classes.bin"][view, start:stop] = classes.numpy()
         self._arrays["log_residual.bin"][view, start:stop] = self._encode(log_residual)
+
+    def _check_finite(self, t: Tensor, view: int, start: int, what: str) -> None:
+        bad = ~torch.isfinite(t).all(-1)
+        if not bad.any():
+            return
+        first = int(bad.nonzero()[0, 0])
+        row = start + first
+        value = t[first][~torch.isfinite(t[first])][0].item()
+        raise StoreError(
+            f"soft-target store {str(self.path)!r}: {what} at view {view}, row {row} (sample index "
+            f"{int(self.indices[row])}): value {value}, {int(bad.sum())} of the {len(t)} rows of this batch "
+            f"(rows {start}..{start + len(t) - 1}). Nothing of that batch was written and the store will not "
+            "be published: fix the teacher (or, for an overflow, store dtype float32 or bfloat16)."
+        )
 
     def _encode(self, t: Tensor) -> np.ndarray:
         t = t.to(_TORCH[self.encoding.dtype])
         if self.encoding.dtype == "bfloat16":
             t = t.view(torch.int16)
         return t.numpy().view(_NUMPY[self.encoding.dtype])
+
+    def _decode(self, array: np.ndarray) -> Tensor:
+        if self.encoding.dtype == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(array).float()
 
     def close(self) -> None:
         """Flush this process's rows to disk."""
@@ -662,29 +1113,39 @@ class StoreWriter:
     def commit(self, build: Mapping[str, Any] | None = None) -> SoftTargetStore:
         """Publish the store: checksums, the header with ``"complete": true`` last, then the directory.
 
-        A store already at the final path is moved aside and deleted only once the new one is in
-        place. Call it on one process, after every process has closed its writer.
+        One read pass over every array computes its checksum and checks its values (the rows of every
+        process). A store already at the final path is moved aside and deleted only once the new one is
+        in place, and only the files its header lists. Call it on one process, after every process has
+        closed its writer.
 
         Args:
             build: how the store was built (precision, world size, seconds ...), for the header.
 
         Raises:
-            StoreError: the final path exists and is not a soft-target store (it is left untouched,
-                and the temporary directory is removed).
+            StoreError: the final path exists and is not a soft-target store, or holds a file its store did
+                not write (:func:`check_replaceable`); it is left untouched, and the temporary directory
+                is removed.
+            CorruptStoreError: a written value is not finite (the message names the array and first row);
+                nothing is published and the temporary directory is removed.
         """
         self.close()
-        if self.path.exists():
-            try:
-                read_header(self.path)
-            except StoreError as err:
-                self.abort()
-                raise StoreError(
-                    f"refusing to replace {str(self.path)!r}, which is not a soft-target store: {err}"
-                ) from err
+        try:
+            if self.path.exists():
+                try:
+                    read_header(self.path)
+                except StaleStoreError:
+                    pass  # an older version of our format: ours to replace
+                except StoreError as err:
+                    raise StoreError(
+                        f"refusing to replace {str(self.path)!r}, which is not a soft-target store: {err}"
+                    ) from err
+                check_replaceable(self.path)
+            sums = _scan_store(self.tmp, self.header, self.indices, check_sums=False)
+        except StoreError:
+            self.abort()
+            raise
         header = dict(self.header)
-        header["arrays"] = {
-            name: {**spec, "sha256": file_sha256(self.tmp / name)} for name, spec in header["arrays"].items()
-        }
+        header["arrays"] = {name: {**spec, "sha256": sums[name]} for name, spec in header["arrays"].items()}
         header["build"] = {"python": sys.version.split()[0], "torch": torch.__version__, **(build or {})}
         header.pop("complete", None)
         header["complete"] = True  # the last key, and the file is replaced in one rename
@@ -699,13 +1160,16 @@ class StoreWriter:
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return SoftTargetStore.open(self.path)
+            old_header = _raw_header(old)
+            if old_header is not None:
+                _remove_own(old, old_header)
+        return SoftTargetStore.open(self.path, verify=False)  # its bytes were just hashed and checked
 
     def abort(self) -> None:
-        """Remove the temporary directory (a failed build); the final path is never touched."""
+        """Remove the temporary directory (a failed build): its own files only; the final path is never touched."""
         self._arrays = {}
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp.is_dir():
+            _remove_own(self.tmp, self.header)
 
 
 def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
