@@ -14,8 +14,8 @@ from kd_lightning.clustering import (
     MATRICES,
     ClassGroups,
     Grouping,
-    KMeansGrouping,
     PredictionCollector,
+    SpectralGrouping,
     class_matrix,
     cluster_classes,
     drop_duplicate_groups,
@@ -40,8 +40,9 @@ class ConfusionClustering(L.Callback):
         num_groups: number of groups ``K`` to cluster into.
         output: path of the groups file (JSON).
         matrix: ``"covariance"`` (the paper's) or ``"confusion"``.
-        grouping: :class:`~kd_lightning.clustering.KMeansGrouping` (default) or
-            :class:`~kd_lightning.clustering.SpectralGrouping`.
+        grouping: :class:`~kd_lightning.clustering.SpectralGrouping` (default: recovers groups of
+            uneven sizes) or :class:`~kd_lightning.clustering.KMeansGrouping` (the paper's k-means on
+            the matrix's columns; see its docstring for when it is the right choice).
         min_size: least classes per group.
         max_size: most classes per group (``None``: no bound).
         overlap: number of groups each class belongs to (its ``overlap`` nearest).
@@ -81,7 +82,7 @@ class ConfusionClustering(L.Callback):
         self.num_groups = num_groups
         self.output = Path(output)
         self.matrix = matrix
-        self.grouping = grouping if grouping is not None else KMeansGrouping()
+        self.grouping = grouping if grouping is not None else SpectralGrouping()
         self.min_size = min_size
         self.max_size = max_size
         self.overlap = overlap

@@ -2,6 +2,11 @@
 
     python scripts/benchmark_specialists.py           # full: about 10 min on 2 cores with the main job's teacher
     python scripts/benchmark_specialists.py --quick   # smoke run of every step, about 2 min
+    python scripts/benchmark_specialists.py --ari-only  # step 0 alone: no training, under a minute
+
+0. Grouping methods on planted hierarchies (``kd_lightning.planted.planted_hierarchy``: uneven group
+   sizes, a simulated generalist's predictions, no training): the adjusted Rand index of each
+   grouping method of ``kd_lightning.clustering`` against the planted groups, per setting and seed.
 
 1. Synthetic data with planted groups (``datamodules.Synthetic``: 50 Gaussian classes in 10
    superclasses; labels permuted so the groups are not contiguous blocks). Per seed and for two
@@ -49,11 +54,99 @@ QUICK = [
 ]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SYNTHETIC_WIDTHS = (16, 64)
+# Planted hierarchies for step 0: label -> planted_hierarchy arguments (its defaults otherwise:
+# 50 samples per class, a generalist 80% accurate, 80% of its errors within the true group).
+PLANTED_SETTINGS: dict[str, dict[str, Any]] = {
+    "100 classes, 12 groups of 3-15": dict(num_classes=100, num_groups=12, min_size=3, max_size=15),
+    "100 classes, 12 groups of 1-20": dict(num_classes=100, num_groups=12, min_size=1, max_size=20),
+    "30 classes, 5 groups of 2-10": dict(num_classes=30, num_groups=5, min_size=2, max_size=10),
+    "10 classes, 4 groups of 1-4": dict(num_classes=10, num_groups=4, min_size=1, max_size=4),
+    "100 classes, 12 groups of 3-15, 60% accurate, half the errors outside the group": dict(
+        num_classes=100,
+        num_groups=12,
+        min_size=3,
+        max_size=15,
+        accuracy=0.6,
+        within_group=0.5,
+        group_logit=0.5,
+    ),
+}
 
 
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     v = [scale * x for x in values]
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouping methods on planted hierarchies (no training)
+
+
+def grouping_methods() -> dict[str, Any]:
+    """Label -> grouping of ``kd_lightning.clustering``: the default first, then the others."""
+    from kd_lightning.clustering import KMeansGrouping, SpectralGrouping
+
+    return {
+        "spectral (default)": SpectralGrouping(),
+        "spectral, no closure": SpectralGrouping(closure=False),
+        "k-means, unit columns": KMeansGrouping(),
+        "k-means, raw columns": KMeansGrouping(normalize=False),
+    }
+
+
+def grouping_ari(seeds: list[int]) -> list[dict[str, Any]]:
+    """Adjusted Rand index of each grouping method against each planted hierarchy of PLANTED_SETTINGS.
+
+    The matrix is the paper's covariance of the simulated generalist's predictions; every method
+    clusters it into the planted number of groups, without size bounds.
+
+    Returns:
+        One row per (setting, seed): ``setting``, ``seed``, the generalist's ``accuracy``, the planted
+        ``sizes`` and ``ari`` (method label -> adjusted Rand index).
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    from kd_lightning.clustering import cluster_classes, groups_to_labels, prediction_covariance
+    from kd_lightning.planted import planted_hierarchy
+
+    methods = grouping_methods()
+    rows = []
+    for setting, kwargs in PLANTED_SETTINGS.items():
+        for seed in seeds:
+            planted = planted_hierarchy(seed=seed, **kwargs)
+            matrix = prediction_covariance(planted.probs)
+            ari = {}
+            for label, method in methods.items():
+                groups = cluster_classes(matrix, kwargs["num_groups"], method)
+                ari[label] = float(
+                    adjusted_rand_score(planted.group_of, groups_to_labels(groups, kwargs["num_classes"]))
+                )
+            rows.append(
+                {
+                    "setting": setting,
+                    "seed": seed,
+                    "accuracy": planted.accuracy(),
+                    "sizes": sorted(planted.sizes),
+                    "ari": ari,
+                }
+            )
+    return rows
+
+
+def print_ari_table(rows: list[dict[str, Any]]) -> None:
+    """Print :func:`grouping_ari`'s rows as a markdown table, with each setting's worst seed."""
+    methods = list(rows[0]["ari"])
+    print("\n## Grouping methods on planted hierarchies: adjusted Rand index against the planted groups\n")
+    print(f"| setting | seed | generalist acc. (%) | group sizes | {' | '.join(methods)} |")
+    print(f"|---|---:|---:|---|{'---:|' * len(methods)}")
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == setting]
+        for r in mine:
+            sizes = ",".join(str(n) for n in r["sizes"])
+            aris = " | ".join(f"{r['ari'][m]:.3f}" for m in methods)
+            print(f"| {setting} | {r['seed']} | {100 * r['accuracy']:.1f} | {sizes} | {aris} |")
+        worst = " | ".join(f"**{min(r['ari'][m] for r in mine):.3f}**" for m in methods)
+        print(f"| {setting} | worst | | | {worst} |")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +396,9 @@ def main() -> None:
     parser.add_argument("--skip-fashion-mnist", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--force", action="store_true", help="retrain what already finished")
+    parser.add_argument(
+        "--ari-only", action="store_true", help="only step 0: grouping methods on planted hierarchies"
+    )
     args = parser.parse_args()
     # Lightning's per-run banners (devices, tips, summaries) would bury the tables.
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -311,6 +407,13 @@ def main() -> None:
     start = time.perf_counter()
     workdir = (args.workdir / "runs" / "benchmark_specialists_quick") if args.quick else args.workdir
     results: dict[str, Any] = {"quick": args.quick, "seeds": args.seeds}
+
+    # Step 0 needs no training: five seeds at least, whatever --seeds says for the trained runs.
+    ari_seeds = sorted(set(args.seeds) | set(range(5)))
+    results["grouping_ari"] = grouping_ari(ari_seeds)
+    print_ari_table(results["grouping_ari"])
+    if args.ari_only:
+        return
 
     if not args.skip_synthetic:
         # Two generalist widths: specialists add capacity where the generalist lacks it (16 hidden

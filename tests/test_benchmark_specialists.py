@@ -20,3 +20,21 @@ def test_pool_by_cover_sums_counts_and_weights_accuracies_by_them():
     assert [(p["cover"], p["count"]) for p in pooled] == [(0, 10), (1, 40), (2, 5)]
     assert abs(pooled[1]["acc"]["generalist"] - (30 * 0.6 + 10 * 0.2) / 40) < 1e-12
     assert abs(pooled[1]["acc"]["kl"] - (30 * 0.7 + 10 * 0.3) / 40) < 1e-12
+
+
+def test_grouping_ari_table_has_every_method_and_seed(monkeypatch, capsys):
+    small = {"small": dict(num_classes=30, num_groups=5, min_size=2, max_size=10, samples_per_class=20)}
+    monkeypatch.setattr(bs, "PLANTED_SETTINGS", small)
+    rows = bs.grouping_ari([0, 1])
+    assert [(r["setting"], r["seed"]) for r in rows] == [("small", 0), ("small", 1)]
+    assert all(list(r["ari"]) == list(bs.grouping_methods()) for r in rows)
+    assert all(r["ari"]["spectral (default)"] >= 0.95 and sum(r["sizes"]) == 30 for r in rows)
+    assert all(r["accuracy"] == 0.8 for r in rows)
+    bs.print_ari_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| setting"))
+    assert all(label in header for label in bs.grouping_methods())
+    body = [line for line in lines if line.startswith("| small")]
+    assert [line.split(" | ")[1] for line in body] == ["0", "1", "worst"]
+    worst = min(r["ari"]["k-means, raw columns"] for r in rows)
+    assert body[-1].rstrip(" |").endswith(f"**{worst:.3f}**")

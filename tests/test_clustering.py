@@ -22,6 +22,7 @@ from kd_lightning.clustering import (
     PredictionCollector,
     SpectralGrouping,
     bounded_assignment,
+    class_affinity,
     class_matrix,
     cluster_classes,
     confusion_affinity,
@@ -30,6 +31,7 @@ from kd_lightning.clustering import (
 )
 from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule
+from kd_lightning.planted import planted_hierarchy
 from kd_lightning.plots import plot_class_groups
 
 
@@ -101,9 +103,10 @@ def test_clustering_recovers_permuted_blocks(grouping):
     assert sorted(len(g) for g in groups) == [4, 5, 5, 6]
 
 
-def test_size_bounds_are_exact_and_checked():
+@pytest.mark.parametrize("grouping", [None, KMeansGrouping()], ids=["default", "kmeans"])
+def test_size_bounds_are_exact_and_checked(grouping):
     m, labels, _ = block_matrix([2, 8, 5, 5])
-    groups = cluster_classes(m, 4, min_size=4, max_size=6)
+    groups = cluster_classes(m, 4, grouping, min_size=4, max_size=6)
     assert all(4 <= len(g) <= 6 for g in groups)
     assert sorted(c for g in groups for c in g) == list(range(20))
     # The blocks that fit stay whole.
@@ -133,6 +136,78 @@ def test_bounded_assignment_is_optimal_by_brute_force():
         key=lambda t: t[0],
     )
     assert d[np.arange(6), ours].sum() == pytest.approx(best[0])
+
+
+# Planted hierarchies of uneven group sizes (kd_lightning.planted), no training: the default grouping
+# must recover every one of them (adjusted Rand index >= 0.95), on every seed.
+UNEVEN = {
+    "100 classes, 12 groups of 3-15": dict(num_classes=100, num_groups=12, min_size=3, max_size=15),
+    "100 classes, 12 groups of 1-20": dict(num_classes=100, num_groups=12, min_size=1, max_size=20),
+    "30 classes, 5 groups of 2-10": dict(num_classes=30, num_groups=5, min_size=2, max_size=10),
+    "10 classes, 4 groups of 1-4": dict(num_classes=10, num_groups=4, min_size=1, max_size=4),
+    "100 classes, 60% accurate, half the errors outside": dict(
+        num_classes=100,
+        num_groups=12,
+        min_size=3,
+        max_size=15,
+        accuracy=0.6,
+        within_group=0.5,
+        group_logit=0.5,
+    ),
+}
+
+
+def _planted_ari(setting: str, seed: int, grouping=None, **bounds) -> tuple[float, list[list[int]]]:
+    kwargs = UNEVEN[setting]
+    planted = planted_hierarchy(seed=seed, **kwargs)
+    groups = cluster_classes(prediction_covariance(planted.probs), kwargs["num_groups"], grouping, **bounds)
+    return adjusted_rand_score(planted.group_of, groups_to_labels(groups, kwargs["num_classes"])), groups
+
+
+@pytest.mark.parametrize("setting", list(UNEVEN))
+def test_default_grouping_recovers_uneven_planted_hierarchies(setting):
+    """cluster_classes's default and ConfusionClustering's default, 5 seeds each."""
+    callback_default = ConfusionClustering(UNEVEN[setting]["num_groups"], "unused.json").grouping
+    for seed in range(5):
+        ari, _ = _planted_ari(setting, seed)
+        assert ari >= 0.95, (setting, seed, ari)
+        ari, _ = _planted_ari(setting, seed, callback_default)
+        assert ari >= 0.95, (setting, seed, ari)
+
+
+def test_default_grouping_keeps_size_bounds_on_planted_hierarchies():
+    """Bounds the planted groups fit leave them whole; tighter ones hold exactly, splitting the 15s."""
+    for seed in range(5):
+        ari, groups = _planted_ari("100 classes, 12 groups of 3-15", seed, min_size=3, max_size=15)
+        assert ari >= 0.95 and all(3 <= len(g) <= 15 for g in groups), (seed, ari)
+        _, groups = _planted_ari("100 classes, 12 groups of 3-15", seed, min_size=5, max_size=12)
+        assert all(5 <= len(g) <= 12 for g in groups), [len(g) for g in groups]
+        assert sorted(c for g in groups for c in g) == list(range(100))
+
+
+def test_few_classes_need_the_closure_term():
+    """With 10 classes every off-diagonal covariance is negative (the probabilities sum to one), so
+    clipping alone leaves no edge; the closure term gives back the confusions beyond chance."""
+    planted = planted_hierarchy(**UNEVEN["10 classes, 4 groups of 1-4"], seed=0)
+    m = prediction_covariance(planted.probs).numpy()
+    off = ~np.eye(10, dtype=bool)
+    assert (m[off] < 0).all()
+    assert (class_affinity(m, closure=False)[off] == 0).all()
+    affinity = class_affinity(m)[off]
+    same = (planted.group_of[:, None] == planted.group_of[None, :])[off]
+    # Every planted pair is an edge, stronger than any edge across groups (two one-class groups
+    # share a weak one: both spread their errors over the same other classes).
+    assert (affinity[same] > 0).all() and affinity[~same].max() < affinity[same].min()
+    assert SpectralGrouping(closure=False).describe()["closure"] is False
+
+
+def test_paper_kmeans_is_still_available():
+    """Covariance + k-means by name, as the configs spell it, and the paper's raw columns."""
+    for grouping in (KMeansGrouping(), KMeansGrouping(normalize=False)):
+        assert grouping.describe()["grouping"] == "KMeansGrouping"
+    m, labels, _ = block_matrix([5, 5, 5, 5])
+    groups = cluster_classes(m, 4, KMeansGrouping())
+    assert adjusted_rand_score(labels, groups_to_labels(groups, 20)) == 1.0
 
 
 def test_overlapping_groups():
@@ -253,6 +328,11 @@ def test_dedicated_validate_run(tmp_path, six_classes):
     groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)
     assert sorted(c for g in groups.groups for c in g) == list(range(6))
     assert groups.source["global_step"] == 0 and not (tmp_path / "groups.png").exists()
+    assert groups.method["grouping"] == "SpectralGrouping" and groups.method["closure"] is True
+    # The paper's k-means, named as a config names it.
+    paper = ConfusionClustering(2, str(tmp_path / "kmeans.json"), grouping=KMeansGrouping(), plot=False)
+    quiet_trainer(tmp_path, callbacks=[paper]).validate(model, data, verbose=False)
+    assert ClassGroups.load(tmp_path / "kmeans.json").method["grouping"] == "KMeansGrouping"
     # Six groups of six classes are all singletons: none is worth a specialist.
     singletons = ConfusionClustering(6, str(tmp_path / "none.json"), min_specialist_size=2)
     with pytest.raises(ValueError, match="smaller than `min_specialist_size`=2"):
