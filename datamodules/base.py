@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import ResumableLoader
 from datamodules.transforms import Transform, replay_seed
 
 VIEW_SCHEDULES = ("cycle", "random")
@@ -289,10 +290,11 @@ class IndexedDataModule(L.LightningDataModule):
     def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call `setup()` before asking for a dataloader.")
-        return DataLoader(
+        # Shuffled: RandomSampler's order, resumable mid-epoch from a checkpoint (datamodules/resumable.py).
+        kind = ResumableLoader if shuffle else DataLoader
+        return kind(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

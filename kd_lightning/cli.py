@@ -1,37 +1,148 @@
 """The ``kd`` command: a LightningCLI whose models and data are chosen by ``class_path``.
 
 The DataModule's ``num_classes`` and ``input_shape`` are linked into the model, so a config never
-repeats them. This module is the one place in ``kd_lightning`` that imports ``datamodules`` and
+repeats them.
+
+One run, one directory: the run directory is ``<trainer.default_root_dir>/seed<seed>`` (``trainer.
+default_root_dir`` becomes it), and a ModelCheckpoint without a ``dirpath`` writes to ``<run
+dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, under the name
+``<root name>-seed<seed>`` unless it has one. Every run gets a :class:`~callbacks.RunIdentity` (the
+``--run.*`` arguments): it refuses to overwrite another run's checkpoints, saves ``last.ckpt`` on SIGTERM,
+and with ``--ckpt_path last`` (the newest ``last*.ckpt`` or ``hpc_ckpt_*.ckpt`` of the run) the fit
+continues the same W&B run. See docs/resume.md. This module is the one place in ``kd_lightning`` that imports ``datamodules`` and
 ``callbacks``: importing them registers their classes for ``class_path`` and for checkpoint reloads.
 """
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import callbacks  # noqa: F401  (registers callbacks for class_path)
 import datamodules
 import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
 import kd_lightning.specialists  # noqa: F401
+from callbacks.run_identity import RunIdentity, last_checkpoint, read_run_record, run_directory, seed_name
 from kd_lightning.launch import check_trainer_arguments
-from kd_lightning.loggers import KDSaveConfigCallback  # also registers KDWandbLogger for class_path
+from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
+
+
+def _class_of(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _class_args(value: Any) -> list[Namespace]:
+    """The ``class_path``/``init_args`` entries of a callbacks or logger setting (one, a list, or none)."""
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, Namespace) and "class_path" in item]
+
+
+def place_run(config: Namespace) -> Path:
+    """Derive the run's directories from ``trainer.default_root_dir`` and ``seed_everything`` (in place).
+
+    ``trainer.default_root_dir`` becomes the run directory (:func:`~callbacks.run_identity.run_directory`),
+    ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, KDWandbLoggers without a
+    ``save_dir`` log to the run directory (named ``<root name>-seed<seed>`` unless named), and
+    ``run.run_dir``/``run.seed`` record it. Paths given explicitly are kept.
+
+    Returns:
+        The run directory.
+    """
+    given = config.seed_everything  # an int once LightningCLI has drawn a seed for `true`; `false`: none
+    seed = given if isinstance(given, int) and not isinstance(given, bool) else None
+    trainer = config.trainer
+    root = Path(trainer.default_root_dir or ".")
+    run_dir = run_directory(root, seed)
+    trainer.default_root_dir = str(run_dir)
+    for callback in _class_args(trainer.callbacks):
+        if issubclass(_class_of(callback.class_path), ModelCheckpoint) and callback.init_args.dirpath is None:
+            callback.init_args.dirpath = str(run_dir / "checkpoints")
+    for logger in _class_args(trainer.logger):
+        if issubclass(_class_of(logger.class_path), KDWandbLogger):
+            if logger.init_args.save_dir is None:
+                logger.init_args.save_dir = str(run_dir)
+            if logger.init_args.name is None:
+                logger.init_args.name = (
+                    f"{run_dir.parent.name or run_dir.resolve().parent.name}-{seed_name(seed)}"
+                )
+    config.run.run_dir, config.run.seed = str(run_dir), seed
+    return run_dir
 
 
 class KDCLI(LightningCLI):
-    """LightningCLI with the DataModule's shape linked into the model."""
+    """LightningCLI with the DataModule's shape linked into the model and one directory per run."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        # Always added to the Trainer's callbacks; `--run.overwrite=true` is the flag users give.
+        parser.add_lightning_class_args(RunIdentity, "run")
+
+    def before_instantiate_classes(self) -> None:
+        place_run(self.config[self.subcommand] if self.subcommand else self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         # Checked as given: Lightning silently turns 16-mixed into bf16 on CPU and takes SLURM's world size.
         check_trainer_arguments({**self._get(self.config_init, "trainer", default={}), **kwargs})
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Resolve ``--ckpt_path last`` to the run's newest checkpoint and continue its W&B run.
+
+        Raises:
+            FileExistsError: the fit would overwrite another run's checkpoint (before anything is logged).
+        """
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunIdentity):
+                callback.check(self.trainer)
+        config = self.config_init[self.subcommand]
+        checkpoint = resume_checkpoint(self.trainer, config.ckpt_path)
+        if checkpoint is None:
+            return
+        if config.ckpt_path == "last":
+            config.ckpt_path = str(checkpoint)  # also an hpc_ckpt newer than last.ckpt, which Lightning skips
+        continue_wandb_run(self.trainer, checkpoint)
+
+
+def resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> Path | None:
+    """The checkpoint a fit with ``ckpt_path`` resumes from: ``"last"`` as :func:`last_checkpoint`, a path as
+    given, and without one under SLURM the ``hpc_ckpt`` that Lightning resumes from; ``None`` otherwise."""
+    if ckpt_path == "last":
+        return last_checkpoint(trainer)
+    if ckpt_path is None:
+        hpc = last_checkpoint(trainer)
+        return (
+            hpc
+            if hpc is not None and hpc.name.startswith("hpc_ckpt_") and SLURMEnvironment.detect()
+            else None
+        )
+    return None if ckpt_path in ("best", "hpc", "registry") else Path(ckpt_path)
+
+
+def continue_wandb_run(trainer: L.Trainer, checkpoint: Path) -> str | None:
+    """Make the trainer's KDWandbLoggers continue the W&B run recorded in ``checkpoint`` when it is this
+    run's own (same run directory and seed); returns that run id, or ``None`` (a new W&B run)."""
+    identity = next((c for c in trainer.callbacks if isinstance(c, RunIdentity)), None)
+    if identity is None or not checkpoint.is_file():
+        return None
+    record = read_run_record(checkpoint) or {}
+    mine = identity.identity(trainer)
+    run_id = record.get("wandb_id")
+    if run_id is None or {k: record.get(k) for k in mine} != mine:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, KDWandbLogger):
+            logger.resume_run(run_id)
+    return run_id
 
 
 def main(args: list[str] | None = None, run: bool = True) -> KDCLI:

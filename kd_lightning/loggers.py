@@ -115,8 +115,9 @@ class KDWandbLogger(WandbLogger):
 
     Args:
         save_dir: directory of the run (W&B writes ``<save_dir>/wandb/``; the CLI saves
-            ``config.yaml`` here; dashboard pictures go under it).
-        name: the run's display name.
+            ``config.yaml`` here; dashboard pictures go under it). ``None``: the run directory when
+            ``kd`` builds the logger (see :func:`kd_lightning.cli.place_run`), else ``runs``.
+        name: the run's display name (``kd`` names an unnamed run ``<root name>-seed<seed>``).
         project: W&B project.
         group: W&B group (e.g. one per experiment, so teacher, student and distilled student sit together).
         tags: W&B tags.
@@ -139,7 +140,7 @@ class KDWandbLogger(WandbLogger):
 
     def __init__(
         self,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         name: str | None = None,
         project: str = "kd-lightning",
         group: str | None = None,
@@ -157,7 +158,7 @@ class KDWandbLogger(WandbLogger):
         _check_init_kwargs(init_kwargs)
         # Absolute: wandb's service process, shared by every run of this process, resolves a relative
         # directory against its own working directory, not the one current at this run's start.
-        save_dir = str(check_writable_dir(save_dir, "save_dir").absolute())
+        save_dir = str(check_writable_dir("runs" if save_dir is None else save_dir, "save_dir").absolute())
         self.requested_mode = mode
         wandb_mode = resolve_mode(mode)
         extra = {"group": group, "tags": list(tags) if tags else None, "notes": notes, "entity": entity}
@@ -176,6 +177,22 @@ class KDWandbLogger(WandbLogger):
         )
         # The hint is printed when the run starts, where the user sees the rest of its output.
         self._hint = wandb_mode == "offline" and mode == "auto"
+
+    def resume_run(self, run_id: str) -> None:
+        """Continue the W&B run ``run_id`` instead of starting a new one (a resumed fit), online or offline.
+
+        Offline, wandb writes a new ``offline-run-*`` directory with the same run id;
+        ``wandb sync`` given both directories uploads them onto the one run, in order of start time.
+
+        Raises:
+            RuntimeError: this logger's run has already started.
+        """
+        if self._experiment is not None:
+            raise RuntimeError(
+                f"`resume_run({run_id!r})`: this logger's W&B run {self._experiment.id!r} has already started."
+            )
+        self._id = self._wandb_init["id"] = run_id
+        self._wandb_init["resume"] = "allow"
 
     @property
     @override

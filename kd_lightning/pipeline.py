@@ -82,7 +82,8 @@ def run_stage(
         force: refit even if a finished result exists.
 
     Raises:
-        ValueError: the config has no ModelCheckpoint callback (its output could not be found again).
+        ValueError: the config has no ModelCheckpoint callback with a fixed ``filename`` (its output could
+            not be found again).
     """
     from kd_lightning.cli import main  # the CLI registers every class a config may name
 
@@ -91,12 +92,21 @@ def run_stage(
     command = "kd fit " + " ".join(shlex.quote(a) for a in args)
     with working_directory(Path(workdir)):
         cli = main(args, run=False)
-        checkpoint_cb = next((c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        if checkpoint_cb is None or checkpoint_cb.dirpath is None:
+        # The stage's output: the first ModelCheckpoint with a fixed name (`final`); the CLI gives it the
+        # run's checkpoint directory. Others (the step-wise `last.ckpt`) are for resuming.
+        checkpoint_cb = next(
+            (
+                c
+                for c in cli.trainer.callbacks
+                if isinstance(c, ModelCheckpoint) and c.dirpath and c.filename and "{" not in c.filename
+            ),
+            None,
+        )
+        if checkpoint_cb is None:
             raise ValueError(
-                f"`config` {config}: a pipeline stage needs a ModelCheckpoint callback with a `dirpath`."
+                f"`config` {config}: a pipeline stage needs a ModelCheckpoint callback with a fixed `filename`."
             )
-        checkpoint = Path(checkpoint_cb.dirpath) / f"{checkpoint_cb.filename or 'last'}.ckpt"
+        checkpoint = Path(checkpoint_cb.dirpath) / f"{checkpoint_cb.filename}.ckpt"
         result_file = checkpoint.parent / "result.json"
         if result_file.is_file() and checkpoint.is_file() and not force:
             saved = json.loads(result_file.read_text())
@@ -140,9 +150,9 @@ def member_overrides(
 ) -> list[str]:
     """The ``kd`` arguments that make run ``member`` of a config an ensemble member of its own.
 
-    Member ``k`` gets seed ``seed_base + k`` and its own directory (root, checkpoint, logs); with
-    ``vary=(key, values)`` also ``--<key>=values[k]`` (e.g. a width per member). The config's
-    ModelCheckpoint must be its last callback: ``--trainer.callbacks.dirpath`` sets the last one's.
+    Member ``k`` gets seed ``seed_base + k`` and its own root ``out/member_<k>``: the ``kd`` command puts
+    its run (checkpoints, logs) in ``out/member_<k>/seed<seed>``. With ``vary=(key, values)`` also
+    ``--<key>=values[k]`` (e.g. a width per member).
 
     Raises:
         ValueError: ``member`` is negative, or ``vary`` has no value for it.
@@ -150,12 +160,7 @@ def member_overrides(
     if member < 0:
         raise ValueError(f"`member` must be >= 0, got {member}.")
     d = member_dir(out, member)
-    args = [
-        f"--seed_everything={seed_base + member}",
-        f"--trainer.default_root_dir={d}",
-        f"--trainer.callbacks.dirpath={d / 'checkpoints'}",
-        f"--trainer.logger.init_args.save_dir={d}",
-    ]
+    args = [f"--seed_everything={seed_base + member}", f"--trainer.default_root_dir={d}"]
     if vary is not None:
         key, values = vary
         if member >= len(values):
@@ -165,16 +170,10 @@ def member_overrides(
 
 
 def seed_overrides(seed: int, out: str | Path) -> list[str]:
-    """The ``kd`` arguments of one seed of a repeated run: the seed, and its own root, checkpoint and logs
-    under ``out/seed<seed>`` (so that every seed's finished stage is kept and reused). The config's
-    ModelCheckpoint must be its last callback."""
-    d = Path(out) / f"seed{seed}"
-    return [
-        f"--seed_everything={seed}",
-        f"--trainer.default_root_dir={d}",
-        f"--trainer.callbacks.dirpath={d / 'checkpoints'}",
-        f"--trainer.logger.init_args.save_dir={d}",
-    ]
+    """The ``kd`` arguments of one seed of a repeated run: the seed, and the root ``out``, so that the ``kd``
+    command puts the run (checkpoint and logs) in ``out/seed<seed>`` and every seed's finished stage is kept
+    and reused."""
+    return [f"--seed_everything={seed}", f"--trainer.default_root_dir={out}"]
 
 
 def train_members(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import FashionMNIST
 from kd_lightning.cli import main
@@ -72,6 +74,9 @@ def test_every_shipped_yaml_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path" in printed and "model:" in printed and "data:" in printed
+    # One run, one directory: no config spells a checkpoint or log directory of its own (kd derives them).
+    assert "dirpath: null" in printed or "ModelCheckpoint" not in printed
+    assert "save_dir: null" in printed and "overwrite: false" in printed
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -99,6 +104,17 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
     assert logits.shape == (2, getattr(model, "num_outputs", data.num_classes))
     if any(p.requires_grad for p in model.parameters()):  # an ensemble only evaluates
         logits.sum().backward()
+    # The run directory is <default_root_dir>/seed<seed>; checkpoints and logs derive from it.
+    seed = yaml.safe_load(text)["seed_everything"]
+    run_dir = tmp_path / yaml.safe_load(text)["trainer"]["default_root_dir"] / f"seed{seed}"
+    assert Path(cli.trainer.default_root_dir).resolve() == run_dir.resolve()
+    assert Path(cli.trainer.logger.save_dir) == run_dir.resolve()
+    assert cli.config.trainer.logger.init_args.name == f"{run_dir.parent.name}-seed{seed}"
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert {Path(c.dirpath) for c in checkpoints if c.dirpath} <= {(run_dir / "checkpoints").resolve()}
+    if config.name != "ensemble.yaml":  # every config that trains: final.ckpt, and last.ckpt every N steps
+        assert any(c.filename == "final" and c.save_last for c in checkpoints)
+        assert any(c.save_last and c.save_top_k == 0 and c._every_n_train_steps > 0 for c in checkpoints)
 
 
 needs_fmnist = pytest.mark.skipif(
@@ -112,7 +128,7 @@ def test_fashion_mnist_configs_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = ROOT / "configs" / "fashion_mnist"
     main(["fit", "--config", str(cfg / "teacher.yaml"), *TINY])
-    ckpt = tmp_path / "runs/fashion_mnist/teacher/checkpoints/final.ckpt"
+    ckpt = tmp_path / "runs/fashion_mnist/teacher/seed0/checkpoints/final.ckpt"
     assert ckpt.is_file()
     cli = main(["fit", "--config", str(cfg / "distill.yaml"), *TINY])
     assert cli.model.teacher is not None and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
@@ -124,7 +140,7 @@ def test_fashion_mnist_configs_run_end_to_end(tmp_path, monkeypatch):
             "--config",
             str(cfg / "distill.yaml"),
             "--ckpt_path",
-            str(tmp_path / "runs/fashion_mnist/distill/checkpoints/final.ckpt"),
+            str(tmp_path / "runs/fashion_mnist/distill/seed1/checkpoints/final.ckpt"),
             *TINY,
         ]
     )

@@ -224,7 +224,7 @@ def test_member_overrides():
     args = member_overrides(
         2, "out", seed_base=10, vary=("model.init_args.net.init_args.hidden", ["[8]", "[16]", "[32]"])
     )
-    assert "--seed_everything=12" in args and "--trainer.callbacks.dirpath=out/member_2/checkpoints" in args
+    assert "--seed_everything=12" in args and "--trainer.default_root_dir=out/member_2" in args
     assert args[-1] == "--model.init_args.net.init_args.hidden=[32]"
     with pytest.raises(ValueError, match="none for member 3"):
         member_overrides(3, "out", vary=("k", ["a", "b", "c"]))
@@ -244,7 +244,7 @@ def test_train_members_differ_by_seed_and_are_reused(tmp_path):
     config = ROOT / "configs/fashion_mnist/member.yaml"
     first = train_members(config, range(2), "runs/m", tmp_path, overrides=tiny)
     assert [Path(r.checkpoint) for r in first] == [
-        tmp_path / f"runs/m/member_{k}/checkpoints/final.ckpt" for k in range(2)
+        tmp_path / f"runs/m/member_{k}/seed{k}/checkpoints/final.ckpt" for k in range(2)
     ]
     w = [torch.load(r.checkpoint, weights_only=False)["state_dict"]["net.net.1.weight"] for r in first]
     assert not torch.equal(w[0], w[1])  # seeds 0 and 1

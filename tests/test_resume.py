@@ -1,0 +1,191 @@
+"""Resume always continues: a `kd fit` killed with SIGKILL mid-epoch, resumed with `--ckpt_path last`.
+
+The run is a real `kd` process on tiny Synthetic data (192 training samples in batches of 16: 12 steps per
+epoch, 3 epochs) with the shipped configs' two checkpoint callbacks (final.ckpt every epoch, last.ckpt
+every epoch and every 5 steps here), dropout, AdamW and a OneCycle schedule, logging offline to W&B. It
+kills itself with SIGKILL at global step 17 (epoch 1, batch 5), two steps after the step checkpoint of
+step 15 (no handler runs, nothing is flushed: what a power cut or the OOM killer leaves).
+
+What is asserted, and why exactly: the resumed fit restores the model, AdamW's moments, the schedule's
+position, the loader's place in the epoch (datamodules/resumable.py) and the random generators
+(callbacks/run_identity.py), then recomputes steps 16..36 with the same operations on the same inputs in
+the same order, in one thread (OMP_NUM_THREADS=1) on the same machine as the uninterrupted run. Nothing is
+reassociated, so the final weights and the final epoch's logged metrics are asserted *equal* (bit for
+bit), not close: any tolerance would hide a lost batch, a replayed batch or a reset schedule, which
+move the weights by far more than one rounding. The epoch that was interrupted logs a training average
+over the batches after the resume only (the accumulated sums of the killed process are gone), so it is
+not compared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+from wandb_records import read_run, run_files
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH, EPOCHS, KILL_AT, EVERY = 12, 3, 17, 5
+
+pytestmark = pytest.mark.slow  # three `kd` processes: about 30 s on 2 busy cores
+
+
+class KillAt(Callback):
+    """SIGKILL this process once ``step`` optimizer steps are done (no cleanup of any kind runs)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tiny_config(path: Path) -> Path:
+    config = {
+        "seed_everything": 5,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": EPOCHS,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "default_root_dir": "runs/tiny",
+            "logger": {
+                "class_path": "kd_lightning.loggers.KDWandbLogger",
+                "init_args": {"project": "kd-tests", "mode": "offline"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"filename": "final", "save_last": True, "enable_version_counter": False},
+                },
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "save_top_k": 0,
+                        "save_last": True,
+                        "every_n_train_steps": EVERY,
+                        "enable_version_counter": False,
+                    },
+                },
+            ],
+        },
+        "model": {
+            "class_path": "kd_lightning.modules.ClassifierModule",
+            "init_args": {
+                "net": {
+                    "class_path": "kd_lightning.models.MLP",
+                    "init_args": {"hidden": [16], "dropout": 0.3},
+                },
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
+                "lr_schedule": {"class_path": "kd_lightning.optim.OneCycle"},
+            },
+        },
+        "data": {
+            "class_path": "datamodules.IndexedDataModule",
+            "init_args": {
+                "source": {
+                    "class_path": "datamodules.Synthetic",
+                    "init_args": {
+                        "num_superclasses": 2,
+                        "classes_per_superclass": 2,
+                        "dim": 8,
+                        "train_per_class": 64,
+                        "test_per_class": 8,
+                    },
+                },
+                "batch_size": 16,
+                "eval_batch_size": 64,
+                "val_size": 64,
+            },
+        },
+    }
+    file = path / "tiny.yaml"
+    file.write_text(yaml.safe_dump(config))
+    return file
+
+
+def kd_fit(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    kd = str(Path(sys.executable).with_name("kd"))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    }
+    return subprocess.run(
+        [kd, "fit", "--config", str(workdir / "tiny.yaml"), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_killed_fit_resumes_from_the_step_checkpoint_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    work = {name: tmp_path / name for name in ("plain", "killed")}
+    for path in work.values():
+        path.mkdir()
+        tiny_config(path)
+    run = Path("runs/tiny/seed5")
+    plain = kd_fit(work["plain"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    killed = kd_fit(
+        work["killed"], "--trainer.callbacks+=test_resume.KillAt", f"--trainer.callbacks.step={KILL_AT}"
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = work["killed"] / run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    # The step checkpoint before the kill: mid-epoch 1, and the run recorded in it.
+    assert saved["global_step"] == KILL_AT // EVERY * EVERY == 15 and saved["epoch"] == 1
+    assert saved["kd_run"]["run_dir"] == str((work["killed"] / run).resolve())
+    assert saved["kd_run"]["seed"] == 5 and saved["kd_run"]["wandb_id"]
+    assert not (work["killed"] / run / "checkpoints" / "final.ckpt").exists() or (
+        torch.load(work["killed"] / run / "checkpoints" / "final.ckpt", weights_only=False)["global_step"]
+        == STEPS_PER_EPOCH
+    )
+
+    resumed = kd_fit(work["killed"], "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert f"Restored all states from the checkpoint at {last.resolve()}" in output
+    assert "not resumable" not in output  # Lightning's warning for loaders without a state
+
+    final = {
+        name: torch.load(path / run / "checkpoints" / "final.ckpt", weights_only=False)
+        for name, path in work.items()
+    }
+    assert final["killed"]["global_step"] == final["plain"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    for key, value in final["plain"]["state_dict"].items():
+        assert torch.equal(final["killed"]["state_dict"][key], value), key
+    for plain_state, resumed_state in zip(
+        final["plain"]["optimizer_states"], final["killed"]["optimizer_states"], strict=True
+    ):
+        for p, state in plain_state["state"].items():
+            assert torch.equal(resumed_state["state"][p]["exp_avg_sq"], state["exp_avg_sq"])
+    assert final["killed"]["lr_schedulers"] == final["plain"]["lr_schedulers"]
+
+    # One W&B run continued: the killed process (whose .wandb file the kill left unreadable) and the
+    # resumed one wrote offline-run-<time>-<id> directories of the same run id, the one in the checkpoint.
+    parts = sorted((work["killed"] / run / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and {p.name.rsplit("-", 1)[1] for p in parts} == {saved["kd_run"]["wandb_id"]}
+    resumed_run = read_run(next(parts[1].glob("run-*.wandb")))
+    (whole,) = [read_run(f) for f in run_files(work["plain"] / run)]
+    assert resumed_run.run_id == saved["kd_run"]["wandb_id"]
+    steps = [row["trainer/global_step"] for row in resumed_run.history]
+    assert min(steps) > saved["global_step"]  # continues from the checkpoint, not from 0
+    # The last epoch's metrics, logged by the resumed process, equal the uninterrupted run's.
+    for key in ("val/loss", "val/acc", "train/loss", "train/acc", "epoch"):
+        assert resumed_run.last(key) == whole.last(key), key
