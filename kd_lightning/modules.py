@@ -30,8 +30,23 @@ STAGES = ("train", "val", "test")
 CLASS_KEY = "kd_lightning_class"
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training loss came out NaN or infinite.
+
+    Raised before the backward pass of that step (see :meth:`_ClassifierBase.on_before_backward`):
+    the weights are still those of the step before, and the run stops before any checkpoint
+    callback can save a model trained on the bad value.
+    """
+
+
 class _ClassifierBase(L.LightningModule):
-    """What every classifier-shaped module shares: forward, evaluation, logging, optimizers, checkpoints."""
+    """What every classifier-shaped module shares: forward, evaluation, logging, optimizers, checkpoints.
+
+    Every module that trains through it stops at the first non-finite training loss with a
+    :class:`NonFiniteLossError` naming the global step and the batch's sample indices (``"index"``,
+    the batch contract), whatever computed the loss: a corrupt soft target, a NaN input, a diverging
+    optimizer.
+    """
 
     def __init__(
         self,
@@ -51,6 +66,8 @@ class _ClassifierBase(L.LightningModule):
         self.metrics = _stage_metrics(num_classes, agreement)
         self._loss_sums: dict[str, dict[str, Tensor]] = {}
         self._loss_counts: dict[str, int] = {}
+        self._batch_index: Tensor | None = None
+        self._batch_idx = -1
         self.net: nn.Module
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,6 +125,28 @@ class _ClassifierBase(L.LightningModule):
             if metric.update_called:
                 self.log(f"{stage}/{name}", metric.compute(), prog_bar=stage != "train" and name == "acc")
             metric.reset()
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # A reference, not a copy: read only if this batch's loss is not finite.
+        self._batch_index, self._batch_idx = batch["index"], batch_idx
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop on a non-finite loss before it reaches the gradients (one scalar check per step).
+
+        Raises:
+            NonFiniteLossError: ``loss`` is NaN or infinite; the message names the global step, the
+                epoch, the batch and its sample indices.
+        """
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteLossError(
+                non_finite_loss_message(
+                    float(loss.detach()),
+                    self.trainer.global_step,
+                    self.current_epoch,
+                    self._batch_idx,
+                    self._batch_index,
+                )
+            )
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -300,6 +339,25 @@ class DistillationModule(_ClassifierBase):
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():
                 state.setdefault(f"teacher.{key}", value)
+
+
+def non_finite_loss_message(
+    value: float, global_step: int, epoch: int, batch_idx: int, index: Tensor | None
+) -> str:
+    """What :class:`NonFiniteLossError` says: where the loss went bad, and on which samples.
+
+    Example:
+        >>> non_finite_loss_message(float("nan"), 13, 1, 5, torch.tensor([20, 21]))[:72]
+        'non-finite training loss (nan) at global step 13 (epoch 1, batch 5), on '
+    """
+    samples = "unknown samples" if index is None else f"the samples with index {index.tolist()}"
+    return (
+        f"non-finite training loss ({value}) at global step {global_step} (epoch {epoch}, batch {batch_idx}), "
+        f"on {samples} (batch['index']). The run stops before this step's backward pass: the weights "
+        "are those of the step before, and no checkpoint is saved from this state. Look for NaN or inf "
+        "in these samples' inputs and soft targets (a corrupt soft-target store, a diverged teacher), "
+        "or lower the learning rate."
+    )
 
 
 def _stage_metrics(num_classes: int, agreement: bool) -> nn.ModuleDict:
