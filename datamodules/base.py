@@ -295,6 +295,7 @@ class IndexedDataModule(L.LightningDataModule):
         return kind(
             dataset,
             batch_size=batch_size,
+            shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -2,14 +2,16 @@
 
 Lightning 2.6 saves the ``state_dict()`` of every training loader that has ``state_dict`` and
 ``load_state_dict`` with the fit loop, and hands it back on a resume from a mid-epoch checkpoint before
-the loader's iterator is created. A plain :class:`~torch.utils.data.DataLoader` has neither, so a resumed
+the epoch's first batch is drawn. A plain :class:`~torch.utils.data.DataLoader` has neither, so a resumed
 epoch starts a fresh permutation and serves again samples the interrupted epoch already trained on
 (Lightning warns "your dataloader is not resumable").
 
 :class:`ResumableLoader` draws each epoch's order exactly as :class:`~torch.utils.data.RandomSampler`
 does (a seed drawn from torch's global generator when the epoch's first index is needed, then
 ``randperm``), so training is unchanged; its state is that seed and the number of batches handed out,
-and a resumed epoch replays the same permutation from the next batch on.
+and a resumed epoch replays the same permutation from the next batch on. Under DDP Lightning gives it a
+:class:`~torch.utils.data.distributed.DistributedSampler` (the order of an epoch is then fixed by the
+sampler's seed and the epoch, on every start), and a resumed epoch skips the batches already served.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from typing_extensions import override
 
 
-class ResumableOrder(Sampler[int]):
-    """RandomSampler's order (one permutation of ``range(length)`` per epoch) that can restart mid-epoch.
+class ResumableOrder(RandomSampler):
+    """RandomSampler's order (one permutation of ``range(length)`` per epoch), or ``base``'s, that can restart
+    mid-epoch. A RandomSampler to Lightning, which therefore shards it under DDP as it shards a shuffled loader.
+
+    Args:
+        length: number of samples.
+        base: the sampler whose order to follow instead (Lightning's DistributedSampler under DDP).
 
     Example:
         >>> order = ResumableOrder(5)
@@ -33,28 +40,42 @@ class ResumableOrder(Sampler[int]):
         True
     """
 
-    def __init__(self, length: int) -> None:
+    def __init__(self, length: int, base: Sampler[int] | None = None) -> None:
+        super().__init__(range(length))
         self.length = length
+        self.base = base
         self.seed: int | None = None
-        self._resume: tuple[int, int] | None = None
+        self._resume: tuple[int | None, int] | None = None
 
-    def resume(self, seed: int, skip: int) -> None:
-        """Make the next epoch the permutation of ``seed`` without its first ``skip`` indices."""
+    def resume(self, seed: int | None, skip: int) -> None:
+        """Make the next epoch the permutation of ``seed`` (or ``base``'s order) without its first ``skip``
+        indices."""
         self._resume = (seed, skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at every epoch: handed on to a DistributedSampler ``base``, which orders each
+        epoch by its seed and the epoch."""
+        if isinstance(self.base, DistributedSampler):
+            self.base.set_epoch(epoch)
 
     @override
     def __iter__(self) -> Iterator[int]:
         if self._resume is not None:
-            (self.seed, skip), self._resume = self._resume, None
+            (seed, skip), self._resume = self._resume, None
         else:
-            # RandomSampler's own draw, at the same moment: the first index of the epoch.
-            self.seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+            seed, skip = None, 0
+        if self.base is not None:
+            yield from list(self.base)[skip:]
+            return
+        # RandomSampler's own draw, at the same moment: the first index of the epoch.
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
         generator = torch.Generator()
         generator.manual_seed(self.seed)
         yield from torch.randperm(self.length, generator=generator).tolist()[skip:]
 
+    @override
     def __len__(self) -> int:
-        return self.length
+        return self.length if self.base is None else len(self.base)
 
 
 class ResumableLoader(DataLoader):
@@ -63,12 +84,29 @@ class ResumableLoader(DataLoader):
     Args:
         dataset: a sized map-style dataset.
         batch_size: samples per batch.
-        **kwargs: further DataLoader arguments (``num_workers``, ``pin_memory``, ...), not ``shuffle``
-            or a sampler.
+        shuffle: must be true (it is recorded for Lightning, which decides from it how to shard under DDP).
+        sampler: a sampler whose order to follow (Lightning's DistributedSampler under DDP); default: a new
+            permutation every epoch.
+        **kwargs: further DataLoader arguments (``num_workers``, ``pin_memory``, ...).
+
+    Raises:
+        ValueError: ``shuffle`` is false without a ``sampler``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=ResumableOrder(len(dataset)), **kwargs)
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        sampler: Sampler[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if sampler is None and not shuffle:
+            raise ValueError(
+                "`shuffle`: a ResumableLoader shuffles; use a DataLoader for a fixed order, got False."
+            )
+        order = ResumableOrder(len(dataset), base=sampler)
+        super().__init__(dataset, batch_size=batch_size, sampler=order, **kwargs)
         self._served = 0
         self._start = 0
 
@@ -85,7 +123,7 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next epoch continue the saved one (a finished or never started epoch is not replayed)."""
-        if state["seed"] is None or not 0 < state["batches"] < len(self):
+        if not 0 < int(state["batches"]) < len(self):
             return
-        self.sampler.resume(int(state["seed"]), int(state["batches"]) * self.batch_size)
+        self.sampler.resume(state["seed"], int(state["batches"]) * self.batch_size)
         self._start = int(state["batches"])

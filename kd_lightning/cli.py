@@ -16,6 +16,8 @@ continues the same W&B run. See docs/resume.md. This module is the one place in 
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,22 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import callbacks  # noqa: F401  (registers callbacks for class_path)
 import datamodules
 import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
 import kd_lightning.specialists  # noqa: F401
-from callbacks.run_identity import RunIdentity, last_checkpoint, read_run_record, run_directory, seed_name
+from callbacks.run_identity import (
+    HPC_PREFIX,
+    RunIdentity,
+    last_checkpoint,
+    read_run_record,
+    run_directory,
+    seed_name,
+)
 from kd_lightning.launch import check_trainer_arguments
 from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
 
@@ -107,6 +118,13 @@ class KDCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         checkpoint = resume_checkpoint(self.trainer, config.ckpt_path)
         if checkpoint is None:
+            if config.ckpt_path == "last":
+                # A first start (a job file always asks for `last`): say so plainly, naming where it looked.
+                rank_zero_info(
+                    f"--ckpt_path last: no checkpoint to resume in {self.trainer.default_root_dir!r} yet "
+                    "(last*.ckpt beside the run's checkpoints, hpc_ckpt_*.ckpt); this fit starts from scratch."
+                )
+                config.ckpt_path = None
             return
         if config.ckpt_path == "last":
             config.ckpt_path = str(checkpoint)  # also an hpc_ckpt newer than last.ckpt, which Lightning skips
@@ -119,12 +137,14 @@ def resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> Path | None:
     if ckpt_path == "last":
         return last_checkpoint(trainer)
     if ckpt_path is None:
-        hpc = last_checkpoint(trainer)
-        return (
-            hpc
-            if hpc is not None and hpc.name.startswith("hpc_ckpt_") and SLURMEnvironment.detect()
-            else None
-        )
+        if not SLURMEnvironment.detect():
+            return None
+        # Lightning's own choice under SLURM: the highest hpc_ckpt_<n>.ckpt of the root directory.
+        hpc = Path(trainer.default_root_dir).glob(f"{HPC_PREFIX}*.ckpt")
+        versions = {
+            int(p.stem.removeprefix(HPC_PREFIX)): p for p in hpc if p.stem.removeprefix(HPC_PREFIX).isdigit()
+        }
+        return versions[max(versions)] if versions else None
     return None if ckpt_path in ("best", "hpc", "registry") else Path(ckpt_path)
 
 
@@ -167,8 +187,12 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
 
 def console() -> None:
     """The ``kd`` console script: exit status 0 on success (``sys.exit(main())`` would print the CLI
-    object and exit 1)."""
-    main()
+    object and exit 1), 143 (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a
+    ``SystemExit`` without a status, which would read as success to a shell or a SLURM job."""
+    try:
+        main()
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A stage is exactly what ``kd fit --config C [overrides]`` followed by ``kd test`` would do; running
 it in-process saves the interpreter start and torch import per stage. A finished stage leaves a
-``result.json`` beside its checkpoint and is not recomputed unless ``force`` is set.
+``result.json`` beside its checkpoint and is not recomputed unless ``force`` is set; one that was
+interrupted (killed, preempted) resumes from its run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ def run_stage(
         config: a ``kd`` YAML config.
         workdir: directory the config's relative paths (``runs/...``) resolve against.
         overrides: extra ``kd`` arguments, e.g. ``["--seed_everything=2"]``.
-        force: refit even if a finished result exists.
+        force: refit from scratch even if a finished result (or an unfinished run's ``last.ckpt``) exists;
+            without it, a stage that did not finish resumes from the newest ``last*.ckpt`` of its run.
 
     Raises:
         ValueError: the config has no ModelCheckpoint callback with a fixed ``filename`` (its output could
             not be found again).
     """
-    from kd_lightning.cli import main  # the CLI registers every class a config may name
+    from callbacks.run_identity import last_checkpoint
+    from kd_lightning.cli import continue_wandb_run, main  # the CLI registers every class a config may name
 
     config = Path(config).resolve()
     args = ["--config", str(config), *overrides]
@@ -112,8 +115,12 @@ def run_stage(
             saved = json.loads(result_file.read_text())
             if same_result(saved.get("command", ""), command):
                 return StageResult(**{**saved, "reused": True})
+        # An unfinished stage (killed, preempted, requeued) continues from its last checkpoint and W&B run.
+        resume = None if force else last_checkpoint(cli.trainer)
+        if resume is not None:
+            continue_wandb_run(cli.trainer, resume)
         start = time.perf_counter()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume)
         fit_seconds = time.perf_counter() - start
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         result = StageResult(
