@@ -362,7 +362,12 @@ class SoftTargetCache(Callback):
             # Not ours: never built over, whatever `rebuild` says.
             raise StoreError(f"SoftTargetCache `path`: {err} Choose another `path`.") from err
         if header.get("complete") is not True:
-            return None, "is incomplete (its build was interrupted)", []
+            found = header.get("complete", "<missing>")
+            return (
+                None,
+                "is incomplete (its build did not finish)",
+                [f"complete: store has {found!r}, a finished build has True"],
+            )
         # Another dataset or split is most likely a wrong `path`: never built over, whatever `rebuild` says.
         # (Changed targets, length or inputs of the same dataset make a store stale, not foreign.)
         owner = compare(header, {"dataset": {k: identity["dataset"][k] for k in ("dataset", "split")}})

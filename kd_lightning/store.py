@@ -832,23 +832,23 @@ def check_can_build(path: str | Path) -> None:
     except OSError as err:
         raise StoreError(
             f"cannot build the soft-target store {str(path)!r}: cannot create its directory "
-            f"{str(path.parent)!r} ({err}). Is a file in the way? Choose another `path`."
+            f"{str(path.parent)!r} ({err}): remove a file in the way, make the directory above it writable, "
+            "or choose another `path`."
         ) from err
-    _probe(path.parent, f".{path.name}.probe-{new_token()}", path)
+    _probe(path.parent, f".{path.name}.probe-{new_token()}", path, "a build writes beside the store")
     if path.is_dir():
         check_replaceable(path)
-        _probe(path, f".probe-{new_token()}", path)
+        _probe(path, f".probe-{new_token()}", path, "replacing the store renames it and deletes its files")
 
 
-def _probe(directory: Path, name: str, store: Path) -> None:
+def _probe(directory: Path, name: str, store: Path, why: str) -> None:
     probe = directory / name
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except OSError as err:
         raise StoreError(
             f"cannot build the soft-target store {str(store)!r}: cannot write in {str(directory)!r} "
-            f"({err.strerror}). A build writes beside the store and renames it into place: make "
-            f"{str(directory)!r} writable, or choose another `path`."
+            f"({err.strerror}), and {why}: make {str(directory)!r} writable, or choose another `path`."
         ) from err
     os.close(fd)
     os.unlink(probe)

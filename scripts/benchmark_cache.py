@@ -15,7 +15,12 @@ Prints (does not assert):
 2. store build throughput over plain teacher inference throughput on the same images and batch size
    (best of ``--repeats``; target >= 0.9);
 3. bytes per sample of each format, and the distilled student's test accuracy with full logits and with
-   top-k (k = 1, 3, 5) soft targets (target: top-5 within 0.2 points of full logits).
+   top-k (k = 1, 3, 5) soft targets (target: top-5 within 0.2 points of full logits);
+4. what verifying the training store costs when a run opens it (checksums and finiteness, one read
+   pass), from disk (evicted from the page cache first) and from memory: seconds, GB/s, and as a share
+   of one cached-distillation epoch.
+
+    python scripts/benchmark_cache.py --verify-synthetic 1281167 1000   # only 4., on a synthetic store
 
 Writes everything to ``<workdir>/benchmark_cache.json``.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -35,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
@@ -42,7 +49,7 @@ from callbacks import SoftTargetCache  # noqa: E402
 from kd_lightning.cli import main as kd  # noqa: E402
 from kd_lightning.modules import load_teacher  # noqa: E402
 from kd_lightning.pipeline import run_stage, working_directory  # noqa: E402
-from kd_lightning.store import Encoding  # noqa: E402
+from kd_lightning.store import Encoding, SoftTargetStore, StoreWriter  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 TEACHER_CKPT = ROOT / "runs" / "fashion_mnist" / "teacher" / "checkpoints" / "final.ckpt"
@@ -173,6 +180,76 @@ def throughput(
     }
 
 
+def _evict(path: Path) -> bool:
+    """Drop the store's files from the page cache (so the next read comes from disk); False if unsupported."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for file in path.iterdir():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def verification_cost(store_path: Path, epoch_seconds: float | None, repeats: int = 2) -> dict:
+    """Seconds to verify the store at ``store_path`` as a run opening it does, cold (from disk) and warm.
+
+    ``SoftTargetStore.open`` reads every array once (SHA-256 and finiteness); this times that pass,
+    best of ``repeats``, after evicting the files from the page cache and then with them cached.
+    """
+    store = SoftTargetStore.open(store_path, verify=False)
+    size = sum(p.stat().st_size for p in store_path.iterdir() if p.name != "header.json")
+    out: dict = {"path": str(store_path), "bytes": size, "rows": len(store), "classes": store.num_classes}
+    for cache in ("cold", "warm"):
+        times = []
+        for _ in range(repeats):
+            if cache == "cold" and not _evict(store_path):
+                break
+            start = time.perf_counter()
+            store.verify()
+            times.append(time.perf_counter() - start)
+        if times:
+            out[f"{cache}_seconds"] = min(times)
+            out[f"{cache}_gb_per_s"] = size / min(times) / 1e9
+            if epoch_seconds:
+                out[f"{cache}_share_of_epoch"] = min(times) / epoch_seconds
+    out["epoch_seconds"] = epoch_seconds
+    return out
+
+
+def synthetic_store(path: Path, rows: int, classes: int, chunk: int = 1 << 16) -> Path:
+    """An fp16 logits store of ``rows`` x ``classes`` random logits at ``path`` (replaced if there)."""
+    writer = StoreWriter.create(path, Encoding("logits", "float16"), classes, np.arange(rows), 1, {})
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        writer.write(0, start, 3 * torch.randn(n, classes, generator=g))
+    writer.commit({"synthetic": True})
+    return path
+
+
+def print_verification(costs: list[dict]) -> None:
+    print("\n4. Verifying a store at open (SHA-256 and finiteness, one read pass; best of 2)\n")
+    print(
+        "| store | GB | from disk (s) | GB/s | from memory (s) | GB/s | share of one epoch (disk / memory) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in costs:
+        share = (
+            f"{c['cold_share_of_epoch']:.2%} / {c['warm_share_of_epoch']:.2%} of {c['epoch_seconds']:.2f} s"
+            if c.get("epoch_seconds") and "cold_seconds" in c
+            else ""
+        )
+        cold = f"{c['cold_seconds']:.3f} | {c['cold_gb_per_s']:.2f}" if "cold_seconds" in c else "| "
+        print(
+            f"| {c['rows']:,} x {c['classes']} fp16 logits | {c['bytes'] / 1e9:.3f} | {cold} | "
+            f"{c['warm_seconds']:.3f} | {c['warm_gb_per_s']:.2f} | {share} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,6 +268,14 @@ def main() -> None:
         "--batch-size", type=int, default=1024, help="teacher batch size, build and inference"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--verify-synthetic",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "CLASSES"),
+        default=None,
+        help="only measure verification at open, on a synthetic fp16 store of ROWS x CLASSES logits",
+    )
     parser.add_argument("overrides", nargs="*", help="kd arguments for every student, after --")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the kd runs below get their arguments explicitly
@@ -202,6 +287,12 @@ def main() -> None:
         args.workdir or ROOT / "runs" / ("benchmark_cache_quick" if args.quick else "benchmark_cache")
     )
     workdir = workdir.resolve()
+    if args.verify_synthetic:
+        rows, classes = args.verify_synthetic
+        path = synthetic_store(workdir / "verify_synthetic" / "train", rows, classes)
+        print_verification([verification_cost(path, None)])
+        shutil.rmtree(path.parent)
+        return
     common = [*(QUICK if args.quick else []), *QUIET, *args.overrides]
 
     teacher_ckpt = Path(args.teacher_ckpt) if args.teacher_ckpt else None
@@ -313,6 +404,8 @@ def main() -> None:
     if "top5-float16" in runs:
         gap = 100 * (runs["top5-float16"].test_acc - full.test_acc)
         print(f"top-5 minus full logits: {gap:+.2f} points (target: within 0.2)")
+    verify = verification_cost(stores / "logits-float16" / "train", fast.epoch_time)
+    print_verification([verify])
     wall = time.perf_counter() - start
     print(f"wall time: {wall:.0f} s")
     out = workdir / "benchmark_cache.json"
@@ -321,6 +414,7 @@ def main() -> None:
             {
                 "runs": {k: {**asdict(r), "epoch_time": r.epoch_time} for k, r in runs.items()},
                 "throughput": {**speed, "ratio": ratio},
+                "verification": verify,
                 "torch_threads": torch.get_num_threads(),
                 "wall_seconds": round(wall, 1),
             },

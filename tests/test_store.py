@@ -213,8 +213,11 @@ def test_truncated_or_changed_array_file(tmp_path):
     with pytest.raises(StoreError, match="'logits.bin' is missing"):
         SoftTargetStore.open(path)
     (path / "logits.bin").write_bytes(bytes(len(data)))  # right size, wrong bytes
+    with pytest.raises(StoreError, match=r"'logits\.bin' has checksum .* the header records"):
+        SoftTargetStore.open(path)  # verified at open
+    store = SoftTargetStore.open(path, verify=False)  # only where the caller has just checked the bytes
     with pytest.raises(StoreError, match="checksum"):
-        SoftTargetStore.open(path).verify()
+        store.verify()
 
 
 def test_index_or_view_outside_the_store(tmp_path):
