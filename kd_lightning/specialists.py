@@ -119,8 +119,8 @@ def fold_to_group(probs: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
         ``(N, G + 1)``.
 
     Example:
-        >>> fold_to_group(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), [2, 0]).tolist()
-        [[0.30000001192092896, 0.10000000149011612, 0.6000000238418579]]
+        >>> fold_to_group(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), [2, 0])
+        tensor([[0.3000, 0.1000, 0.6000]])
     """
     classes = torch.as_tensor(classes, dtype=torch.long, device=probs.device)
     inside = probs[:, classes]
@@ -365,8 +365,8 @@ def average_specialists(
     Example:
         >>> pg = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
         >>> pm = torch.tensor([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])
-        >>> average_specialists(pg, [pm], [[0, 1]], torch.tensor([[True], [False]]))[:, 1].tolist()
-        [0.800000011920929, 0.30000001192092896]
+        >>> average_specialists(pg, [pm], [[0, 1]], torch.tensor([[True], [False]]))[:, 1]
+        tensor([0.8000, 0.3000])
     """
     if not (isinstance(top, int) and top >= 1):
         raise ValueError(f"`top` must be a positive integer, got {top!r}.")
