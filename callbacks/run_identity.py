@@ -214,6 +214,10 @@ class RunIdentity(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._rng = (checkpoint.get(RUN_KEY) or {}).get("rng")
+        rank_zero_info(
+            f"Resuming at global step {checkpoint.get('global_step')} (epoch {checkpoint.get('epoch')}) of the "
+            f"run recorded as { ({k: v for k, v in (checkpoint.get(RUN_KEY) or {}).items() if k != 'rng'}) }."
+        )
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

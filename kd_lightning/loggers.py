@@ -107,7 +107,9 @@ def check_writable_dir(path: str | Path, argument: str = "save_dir") -> Path:
 def _wandb_errors() -> tuple[type[Exception], ...]:
     import wandb
 
-    return (wandb.errors.Error,)
+    # ConnectionError: the wandb-core service process is gone, e.g. SIGTERM'd with the rest of a SLURM
+    # job step while this process is still saving its checkpoint ("Connection lost").
+    return (wandb.errors.Error, ConnectionError)
 
 
 class KDWandbLogger(WandbLogger):

@@ -4,7 +4,8 @@ The run is a real `kd` process on tiny Synthetic data (192 training samples in b
 epoch, 3 epochs) with the shipped configs' two checkpoint callbacks (final.ckpt every epoch, last.ckpt
 every epoch and every 5 steps here), dropout, AdamW and a OneCycle schedule, logging offline to W&B. It
 kills itself with SIGKILL at global step 17 (epoch 1, batch 5), two steps after the step checkpoint of
-step 15 (no handler runs, nothing is flushed: what a power cut or the OOM killer leaves).
+step 15 (no handler runs, nothing is flushed: what a power cut or the OOM killer leaves); or it gets
+SIGTERM there (what a scheduler sends first), saves last.ckpt at step 17 and exits with status 143.
 
 What is asserted, and why exactly: the resumed fit restores the model, AdamW's moments, the schedule's
 position, the loader's place in the epoch (datamodules/resumable.py) and the random generators
@@ -35,19 +36,23 @@ from wandb_records import read_run, run_files
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS, KILL_AT, EVERY = 12, 3, 17, 5
 
-pytestmark = pytest.mark.slow  # three `kd` processes: about 30 s on 2 busy cores
+pytestmark = pytest.mark.slow  # five `kd` processes: about 50 s on 2 busy cores
 
 
 class KillAt(Callback):
-    """SIGKILL this process once ``step`` optimizer steps are done (no cleanup of any kind runs)."""
+    """Send this process ``signal`` (a name) once ``step`` optimizer steps are done. SIGKILL: no cleanup of
+    any kind runs; SIGTERM: what a scheduler sends first when it preempts a job."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signal: str = "SIGKILL") -> None:
         self.step = step
+        self.signal = signal
+        self._sent = False
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step >= self.step and not self._sent:
+            self._sent = True
+            os.kill(os.getpid(), signal.Signals[self.signal])
 
 
 def tiny_config(path: Path) -> Path:
@@ -133,59 +138,84 @@ def kd_fit(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_killed_fit_resumes_from_the_step_checkpoint_and_ends_where_an_uninterrupted_one_does(tmp_path):
-    work = {name: tmp_path / name for name in ("plain", "killed")}
-    for path in work.values():
-        path.mkdir()
-        tiny_config(path)
-    run = Path("runs/tiny/seed5")
-    plain = kd_fit(work["plain"])
-    assert plain.returncode == 0, plain.stderr[-3000:]
+RUN = Path("runs/tiny/seed5")
 
-    killed = kd_fit(
-        work["killed"], "--trainer.callbacks+=test_resume.KillAt", f"--trainer.callbacks.step={KILL_AT}"
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    """The uninterrupted run (its working directory)."""
+    work = tmp_path_factory.mktemp("plain")
+    tiny_config(work)
+    done = kd_fit(work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def interrupted_then_resumed(work: Path, signal_name: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run the tiny config, interrupted at step KILL_AT by ``signal_name``; then resume it with
+    ``--ckpt_path last``. Returns the checkpoint it resumed from and the resumed process."""
+    tiny_config(work)
+    cut = kd_fit(
+        work,
+        "--trainer.callbacks+=test_resume.KillAt",
+        f"--trainer.callbacks.step={KILL_AT}",
+        f"--trainer.callbacks.signal={signal_name}",
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    last = work["killed"] / run / "checkpoints" / "last.ckpt"
+    expected = -signal.SIGKILL if signal_name == "SIGKILL" else 128 + signal.SIGTERM
+    assert cut.returncode == expected, cut.stderr[-3000:]
+    last = work / RUN / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
-    # The step checkpoint before the kill: mid-epoch 1, and the run recorded in it.
-    assert saved["global_step"] == KILL_AT // EVERY * EVERY == 15 and saved["epoch"] == 1
-    assert saved["kd_run"]["run_dir"] == str((work["killed"] / run).resolve())
+    assert saved["kd_run"]["run_dir"] == str((work / RUN).resolve())
     assert saved["kd_run"]["seed"] == 5 and saved["kd_run"]["wandb_id"]
-    assert not (work["killed"] / run / "checkpoints" / "final.ckpt").exists() or (
-        torch.load(work["killed"] / run / "checkpoints" / "final.ckpt", weights_only=False)["global_step"]
-        == STEPS_PER_EPOCH
-    )
-
-    resumed = kd_fit(work["killed"], "--ckpt_path", "last")
+    resumed = kd_fit(work, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert f"Restored all states from the checkpoint at {last.resolve()}" in output
     assert "not resumable" not in output  # Lightning's warning for loaders without a state
+    return saved, resumed
 
+
+def assert_same_end(plain: Path, work: Path, saved: dict) -> None:
+    """Same final weights, optimizer moments, schedule, and last epoch's logged metrics; one W&B run."""
     final = {
-        name: torch.load(path / run / "checkpoints" / "final.ckpt", weights_only=False)
-        for name, path in work.items()
+        name: torch.load(path / RUN / "checkpoints" / "final.ckpt", weights_only=False)
+        for name, path in (("plain", plain), ("resumed", work))
     }
-    assert final["killed"]["global_step"] == final["plain"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert final["resumed"]["global_step"] == final["plain"]["global_step"] == EPOCHS * STEPS_PER_EPOCH
     for key, value in final["plain"]["state_dict"].items():
-        assert torch.equal(final["killed"]["state_dict"][key], value), key
+        assert torch.equal(final["resumed"]["state_dict"][key], value), key
     for plain_state, resumed_state in zip(
-        final["plain"]["optimizer_states"], final["killed"]["optimizer_states"], strict=True
+        final["plain"]["optimizer_states"], final["resumed"]["optimizer_states"], strict=True
     ):
         for p, state in plain_state["state"].items():
             assert torch.equal(resumed_state["state"][p]["exp_avg_sq"], state["exp_avg_sq"])
-    assert final["killed"]["lr_schedulers"] == final["plain"]["lr_schedulers"]
+    assert final["resumed"]["lr_schedulers"] == final["plain"]["lr_schedulers"]
 
-    # One W&B run continued: the killed process (whose .wandb file the kill left unreadable) and the
+    # One W&B run continued: the interrupted process (a SIGKILL leaves its .wandb file unreadable) and the
     # resumed one wrote offline-run-<time>-<id> directories of the same run id, the one in the checkpoint.
-    parts = sorted((work["killed"] / run / "wandb").glob("offline-run-*"))
+    parts = sorted((work / RUN / "wandb").glob("offline-run-*"))
     assert len(parts) == 2 and {p.name.rsplit("-", 1)[1] for p in parts} == {saved["kd_run"]["wandb_id"]}
     resumed_run = read_run(next(parts[1].glob("run-*.wandb")))
-    (whole,) = [read_run(f) for f in run_files(work["plain"] / run)]
+    (whole,) = [read_run(f) for f in run_files(plain / RUN)]
     assert resumed_run.run_id == saved["kd_run"]["wandb_id"]
     steps = [row["trainer/global_step"] for row in resumed_run.history]
     assert min(steps) > saved["global_step"]  # continues from the checkpoint, not from 0
     # The last epoch's metrics, logged by the resumed process, equal the uninterrupted run's.
     for key in ("val/loss", "val/acc", "train/loss", "train/acc", "epoch"):
         assert resumed_run.last(key) == whole.last(key), key
+
+
+def test_killed_fit_resumes_from_the_step_checkpoint_and_ends_where_an_uninterrupted_one_does(
+    plain, tmp_path
+):
+    saved, _ = interrupted_then_resumed(tmp_path, "SIGKILL")
+    # The step checkpoint before the kill: mid-epoch 1 (two steps of work are lost and redone).
+    assert saved["global_step"] == KILL_AT // EVERY * EVERY == 15 and saved["epoch"] == 1
+    assert_same_end(plain, tmp_path, saved)
+
+
+def test_sigterm_saves_the_last_checkpoint_where_it_stops_and_the_fit_resumes_from_it(plain, tmp_path):
+    saved, _ = interrupted_then_resumed(tmp_path, "SIGTERM")
+    # Saved at the batch boundary where SIGTERM stopped the fit: no step is lost.
+    assert saved["global_step"] == KILL_AT and saved["epoch"] == 1
+    assert_same_end(plain, tmp_path, saved)

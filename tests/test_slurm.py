@@ -34,8 +34,9 @@ TINY = [
     "--model.init_args.lr_schedule=null",  # a schedule over 4 steps would only add noise
 ]
 CPU_TASKS = ["--gres=none", "--cpus-per-task=1", "--nodes=1"]
-TEACHER_CKPT = Path("runs/fashion_mnist/teacher/checkpoints/final.ckpt")
-DISTILL_CKPT = Path("runs/fashion_mnist/distill/checkpoints/final.ckpt")
+TEACHER_CKPT = Path("runs/fashion_mnist/teacher/seed0/checkpoints/final.ckpt")
+DISTILL_RUN = Path("runs/fashion_mnist/distill/seed1")
+DISTILL_CKPT = DISTILL_RUN / "checkpoints" / "final.ckpt"
 
 pytestmark = pytest.mark.slow
 
@@ -149,9 +150,43 @@ def test_preempted_job_requeues_resumes_and_ends_at_the_same_step(teacher_and_di
     text = logs(tmp_path / "preempted")
     assert plain[0]["JobState"] == preempted[0]["JobState"] == "COMPLETED", text[-4000:]
     assert preempted[0]["Restarts"] == "1" and "restart 1" in text
-    assert list((tmp_path / "preempted" / "runs/fashion_mnist/distill").glob("hpc_ckpt_*.ckpt"))
+    assert list((tmp_path / "preempted" / DISTILL_RUN).glob("hpc_ckpt_*.ckpt"))
     assert "hpc_ckpt_1.ckpt" in text  # "Restored all states from the checkpoint at .../hpc_ckpt_1.ckpt"
     steps = {
         name: torch.load(tmp_path / name / DISTILL_CKPT, weights_only=False)["global_step"] for name in runs
     }
     assert steps["preempted"] == steps["plain"] == 4 * 40
+
+
+def test_job_preempted_with_sigterm_alone_resumes_from_its_last_checkpoint(teacher_and_distill, tmp_path):
+    """`scontrol requeue` is what preemption by requeue does: SLURM sends SIGTERM (no SIGUSR1) to every step,
+    SIGKILL after KillWait (30 s), and queues the job again. The run saves last.ckpt where SIGTERM stopped it;
+    the requeued job's `--ckpt_path last` resumes there and ends at the uninterrupted run's step."""
+    work = teacher_and_distill[0]
+    longer = [*TINY, "--trainer.max_epochs=4", "--trainer.limit_train_batches=40"]
+    (tmp_path / TEACHER_CKPT.parent).mkdir(parents=True)
+    shutil.copy(work / TEACHER_CKPT, tmp_path / TEACHER_CKPT)
+    job = sbatch("distill.sbatch", tmp_path, "--ntasks-per-node=1", args=longer)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / DISTILL_CKPT).exists():  # training is under way: the first epoch is saved
+        assert time.monotonic() < deadline, logs(tmp_path)[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the second epoch, away from the epoch's own checkpoint
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    settling = ("RUNNING", "COMPLETING", "REQUEUED")  # the first run still ending, or on its way back
+    while (state := states(job)[0]).get("Restarts") != "1" or state["JobState"] in settling:
+        assert time.monotonic() < deadline, logs(tmp_path)[-3000:]
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)  # 120 s hold
+    (done,) = wait(job)
+    text = logs(tmp_path)
+    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1" and "restart 1" in text, text[-4000:]
+    assert not list((tmp_path / DISTILL_RUN).glob("hpc_ckpt_*.ckpt"))  # no SIGUSR1 was involved
+    last = (tmp_path / DISTILL_RUN / "checkpoints" / "last.ckpt").resolve()
+    assert f"Restored all states from the checkpoint at {last}" in text, text[-4000:]
+    # The first run saved last.ckpt where SIGTERM stopped it (often at an epoch's end: validation and the
+    # dashboard take most of an epoch here), and the requeued job started from that step, not from 0.
+    (stopped_at,) = [int(s) for s in re.findall(r"SIGTERM: saved \S+last\.ckpt at global step (\d+)", text)]
+    (resumed_at,) = [int(s) for s in re.findall(r"Resuming at global step (\d+)", text)]
+    assert 40 <= stopped_at == resumed_at < 160 and "Exited with exit code 143" in text, text[-4000:]
+    assert torch.load(tmp_path / DISTILL_CKPT, weights_only=False)["global_step"] == 4 * 40
