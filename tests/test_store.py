@@ -299,3 +299,17 @@ def test_bytes_per_sample():
     assert [Encoding("topk", "float16", k).bytes_per_sample(10) for k in (1, 3, 5)] == [5, 11, 17]
     assert Encoding("topk", "bfloat16", 5).bytes_per_sample(1000) == 5 * 2 + 5 * 2 + 2
     assert math.isclose(Encoding("topk", "float32", 1).bytes_per_sample(10), 9)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_topk_log_probabilities_below_the_dtype_range_are_stored_finite(tmp_path, dtype):
+    # Log-probabilities around -1e5 are -inf in fp16; the writer floors them at LOG_PROB_FLOOR (exp is 0
+    # either way), so the store verifies and reads back the same distribution.
+    logits = torch.tensor([[0.0, -1e5, -2e5, 5.0, -3e5, 1.0, -4e5]]).expand(len(INDICES), C)
+    store = write_store(tmp_path / "s", Encoding("topk", dtype, 5), logits.unsqueeze(0).expand(VIEWS, -1, -1))
+    store.verify()
+    got = store.lookup(torch.from_numpy(INDICES[:2]), torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(got).all()
+    want = F.softmax(logits[:2], -1)
+    tol = torch.finfo(TORCH_DTYPES[dtype]).eps * 8  # values rounded to the dtype, then renormalised
+    torch.testing.assert_close(got.exp(), want, rtol=0, atol=tol)
