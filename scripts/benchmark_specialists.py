@@ -256,7 +256,7 @@ def synthetic_run(
 
 def fashion_mnist_generalist(workdir: Path, quick: bool) -> Path:
     """The main job's teacher checkpoint, trained here only if it is missing."""
-    checkpoint = workdir / "runs" / "fashion_mnist" / "teacher" / "checkpoints" / "final.ckpt"
+    checkpoint = workdir / "runs" / "fashion_mnist" / "teacher" / "seed0" / "checkpoints" / "final.ckpt"
     if checkpoint.is_file():
         print(f"generalist: reusing {checkpoint}", flush=True)
         return checkpoint
