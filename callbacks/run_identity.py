@@ -13,7 +13,7 @@ The ``kd`` command adds a :class:`RunIdentity` to every run (``--run.overwrite``
   SIGUSR1 under SLURM auto-requeue saves an ``hpc_ckpt``), so without this a job preempted with SIGTERM
   alone leaves nothing newer than its last periodic checkpoint;
 - saves the random generators (torch CPU and CUDA, numpy, Python) with each checkpoint and restores them
-  at the first training batch after a resume: Lightning does not, and the batches after a mid-epoch
+  just before the first training batch after a resume is fetched: Lightning does not, and the batches after a mid-epoch
   checkpoint then draw the same dropout masks, and the later epochs the same order, as an uninterrupted run;
 - makes sure a resumed training loader gets its place in the epoch back (see :meth:`on_train_start`).
 """
@@ -226,11 +226,10 @@ class RunIdentity(Callback):
         # configure_optimizers (every lr schedule here): the position would be dropped without a word.
         # This is Lightning's own loading step (a no-op once done), before the first batch is drawn.
         trainer.fit_loop._load_combined_loader_states()
-
-    @override
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+        # Lightning calls no epoch-start hook when it restarts mid-epoch; this is the last hook before the
+        # first batch is fetched (a random augmentation draws there) and trained on (dropout). The loader's
+        # iterator, which draws a seed of its own, exists by now, so from a mid-epoch checkpoint the draws
+        # follow those of an uninterrupted run.
         if self._rng is not None:
             _set_rng_states(self._rng)
             self._rng = None

@@ -112,10 +112,9 @@ class ResumableLoader(DataLoader):
 
     @override
     def __iter__(self) -> Iterator[Any]:
-        self._served, self._start = self._start, 0
-        for batch in super().__iter__():
-            self._served += 1
-            yield batch
+        # Eager, as DataLoader's own: the iterator (and its draw of a worker base seed from torch's global
+        # generator) is made now, where Lightning asks for it, not at the first batch.
+        return _Counted(self, super().__iter__())
 
     def state_dict(self) -> dict[str, Any]:
         """The current epoch's order seed and the number of batches already handed out."""
@@ -127,3 +126,22 @@ class ResumableLoader(DataLoader):
             return
         self.sampler.resume(state["seed"], int(state["batches"]) * self.batch_size)
         self._start = int(state["batches"])
+
+
+class _Counted(Iterator[Any]):
+    """The batches of ``loader``'s iterator, counted in ``loader._served`` (from the resumed count on)."""
+
+    def __init__(self, loader: ResumableLoader, batches: Iterator[Any]) -> None:
+        self.loader = loader
+        self.batches = batches
+        self.started = False
+
+    def __next__(self) -> Any:
+        if not self.started:
+            # At the first batch, not at creation: Lightning may hand the loader its saved state after it
+            # made the iterator, never after the first batch.
+            self.started = True
+            self.loader._served, self.loader._start = self.loader._start, 0
+        batch = next(self.batches)
+        self.loader._served += 1
+        return batch

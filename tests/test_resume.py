@@ -1,8 +1,9 @@
 """Resume always continues: a `kd fit` killed with SIGKILL mid-epoch, resumed with `--ckpt_path last`.
 
-The run is a real `kd` process on tiny Synthetic data (192 training samples in batches of 16: 12 steps per
-epoch, 3 epochs) with the shipped configs' two checkpoint callbacks (final.ckpt every epoch, last.ckpt
-every epoch and every 5 steps here), dropout, AdamW and a OneCycle schedule, logging offline to W&B. It
+The run is a real `kd` process on tiny images (conftest's TinySource: 192 training images in batches of 16,
+12 steps per epoch, 3 epochs, random shifts and flips) with the shipped configs' two checkpoint callbacks
+(final.ckpt every epoch, last.ckpt every epoch and every 5 steps here), dropout, AdamW and a OneCycle
+schedule, logging offline to W&B. It
 kills itself with SIGKILL at global step 17 (epoch 1, batch 5), two steps after the step checkpoint of
 step 15 (no handler runs, nothing is flushed: what a power cut or the OOM killer leaves); or it gets
 SIGTERM there (what a scheduler sends first), saves last.ckpt at step 17 and exits with status 143.
@@ -99,15 +100,12 @@ def tiny_config(path: Path) -> Path:
         "data": {
             "class_path": "datamodules.IndexedDataModule",
             "init_args": {
-                "source": {
-                    "class_path": "datamodules.Synthetic",
-                    "init_args": {
-                        "num_superclasses": 2,
-                        "classes_per_superclass": 2,
-                        "dim": 8,
-                        "train_per_class": 64,
-                        "test_per_class": 8,
-                    },
+                # conftest's 1x8x8 images (256 training images, 64 of them for validation), shifted and
+                # flipped at random: the augmentation draws from torch's generator as the batch is fetched.
+                "source": {"class_path": "conftest.TinySource", "init_args": {"num_classes": 4}},
+                "train_transform": {
+                    "class_path": "datamodules.RandomShift",
+                    "init_args": {"max_shift": 1, "hflip": True},
                 },
                 "batch_size": 16,
                 "eval_batch_size": 64,
