@@ -344,3 +344,19 @@ def test_each_logger_gets_its_own_run_in_one_process(tmp_path):
     second = KDWandbLogger(save_dir=str(tmp_path / "b"))
     a, b = first.experiment, second.experiment
     assert a.id != b.id and a.id in loggers._OWNED_RUNS
+
+
+def test_a_resumed_logger_continues_the_run_id_offline_and_only_before_its_run_starts(tmp_path):
+    first = KDWandbLogger(save_dir=str(tmp_path), mode="offline")
+    run_id = first.experiment.id
+    first.experiment.finish()
+    again = KDWandbLogger(save_dir=str(tmp_path), mode="offline")
+    again.resume_run(run_id)
+    assert again.experiment.id == run_id and again.version == run_id
+    with pytest.raises(RuntimeError, match=f"run {run_id!r} has already started"):
+        again.resume_run("other")
+    again.experiment.finish()
+    # Two offline directories of the one run: `wandb sync` uploads both onto it.
+    parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+    assert {read_run(f).run_id for f in run_files(tmp_path)} == {run_id}
