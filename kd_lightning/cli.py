@@ -1,16 +1,16 @@
 """The ``kd`` command: a LightningCLI whose models and data are chosen by ``class_path``.
 
 The DataModule's ``num_classes`` and ``input_shape`` are linked into the model, so a config never
-repeats them.
-
-One run, one directory: the run directory is ``<trainer.default_root_dir>/seed<seed>`` (``trainer.
-default_root_dir`` becomes it), and a ModelCheckpoint without a ``dirpath`` writes to ``<run
-dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, under the name
-``<root name>-seed<seed>`` unless it has one. Every run gets a :class:`~callbacks.RunIdentity` (the
-``--run.*`` arguments): it refuses to overwrite another run's checkpoints, saves ``last.ckpt`` on SIGTERM,
-and with ``--ckpt_path last`` (the newest ``last*.ckpt`` or ``hpc_ckpt_*.ckpt`` of the run) the fit
-continues the same W&B run. See docs/resume.md. This module is the one place in ``kd_lightning`` that imports ``datamodules`` and
+repeats them. This module is the one place in ``kd_lightning`` that imports ``datamodules`` and
 ``callbacks``: importing them registers their classes for ``class_path`` and for checkpoint reloads.
+
+One run, one directory (:func:`place_run`): the run directory is ``<trainer.default_root_dir>/seed<seed>``
+and becomes ``trainer.default_root_dir``; a ModelCheckpoint without a ``dirpath`` writes to
+``<run dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, named
+``<root name>-seed<seed>`` unless named. Every run gets a :class:`~callbacks.RunIdentity` (the ``--run.*``
+arguments): it refuses to overwrite another run's checkpoints (``--run.overwrite=true`` allows it) and
+saves ``last.ckpt`` on SIGTERM. ``--ckpt_path last`` resumes from the run's newest ``last*.ckpt`` or
+``hpc_ckpt_*.ckpt`` and continues the same W&B run. See docs/resume.md.
 """
 
 from __future__ import annotations

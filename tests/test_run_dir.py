@@ -135,3 +135,15 @@ def test_a_finished_pipeline_stage_is_refit_in_its_own_directory(tmp_path):
     assert run_stage("tiny", config, tmp_path).reused
     again = run_stage("tiny", config, tmp_path, force=True)  # the same run: allowed to replace its own
     assert not again.reused and again.checkpoint == first.checkpoint
+
+
+def test_an_unfinished_pipeline_stage_resumes_from_its_last_checkpoint(tmp_path, caplog):
+    config = tiny_config(tmp_path)
+    first = run_stage("tiny", config, tmp_path)
+    (Path(first.checkpoint).parent / "result.json").unlink()  # as if killed before the stage finished
+    with caplog.at_level("INFO"):
+        again = run_stage("tiny", config, tmp_path, ["--trainer.max_epochs=2"])
+    last = Path(first.checkpoint).with_name("last.ckpt")
+    assert f"Restored all states from the checkpoint at {last}" in caplog.text
+    assert "Resuming at global step 2 (epoch 0)" in caplog.text
+    assert torch.load(again.checkpoint, weights_only=False)["global_step"] == 4  # epoch 2 added to epoch 1
