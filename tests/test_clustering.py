@@ -379,5 +379,9 @@ def test_matrix_is_the_same_on_two_processes(tmp_path):
     equal the single-process ones: padding repeats are dropped by index."""
     one = _validate_groups(tmp_path, 1, "one")
     two = _validate_groups(tmp_path, 2, "two")
-    np.testing.assert_allclose(np.array(two["matrix"]), np.array(one["matrix"]), atol=1e-6)
+    # The matrix is a mean over the validation samples: fp32 sums in another order, eps per summed term.
+    n = 91  # validation samples (`val_size` of `_validate_groups`); matrix entries are at most 1
+    np.testing.assert_allclose(
+        np.array(two["matrix"]), np.array(one["matrix"]), atol=n * float(np.finfo(np.float32).eps)
+    )
     assert two["groups"] == one["groups"]
