@@ -22,6 +22,7 @@ not compared.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def tiny_config(path: Path) -> Path:
 def kd_fit(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     kd = str(Path(sys.executable).with_name("kd"))
     env = {
-        **os.environ,
+        # Not WANDB_SERVICE: the W&B service of this pytest process (left by in-process W&B tests) would be
+        # shared with the kd processes, and would still hold the killed process's run open.
+        **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
         "OMP_NUM_THREADS": "1",
         "WANDB_MODE": "offline",
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
@@ -192,7 +195,9 @@ def assert_same_end(plain: Path, work: Path, saved: dict) -> None:
     # One W&B run continued: the interrupted process (a SIGKILL leaves its .wandb file unreadable) and the
     # resumed one wrote offline-run-<time>-<id> directories of the same run id, the one in the checkpoint.
     parts = sorted((work / RUN / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and {p.name.rsplit("-", 1)[1] for p in parts} == {saved["kd_run"]["wandb_id"]}
+    # offline-run-<time>-<id>, with "-1" appended by wandb when both started within the same second.
+    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", p.name).group(1) for p in parts]
+    assert ids == [saved["kd_run"]["wandb_id"]] * 2, parts
     resumed_run = read_run(next(parts[1].glob("run-*.wandb")))
     (whole,) = [read_run(f) for f in run_files(plain / RUN)]
     assert resumed_run.run_id == saved["kd_run"]["wandb_id"]

@@ -5,6 +5,7 @@ logging trouble that must not cost a checkpoint."""
 from __future__ import annotations
 
 import os
+import re
 from functools import partial
 from pathlib import Path
 
@@ -358,5 +359,7 @@ def test_a_resumed_logger_continues_the_run_id_offline_and_only_before_its_run_s
     again.experiment.finish()
     # Two offline directories of the one run: `wandb sync` uploads both onto it.
     parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(p.name.endswith(f"-{run_id}") for p in parts)
+    # offline-run-<time>-<id>, with "-1" appended by wandb when both started within the same second.
+    ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", p.name).group(1) for p in parts]
+    assert ids == [run_id, run_id], parts
     assert {read_run(f).run_id for f in run_files(tmp_path)} == {run_id}
