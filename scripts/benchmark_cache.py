@@ -4,7 +4,7 @@
     python scripts/benchmark_cache.py --quick    # a smoke run on a sliver of the data (a few minutes)
 
 Uses the shipped configs: the teacher of configs/fashion_mnist/teacher.yaml (its checkpoint
-runs/fashion_mnist/teacher/checkpoints/final.ckpt, written by scripts/main_job.py, is reused; trained
+runs/fashion_mnist/teacher/seed0/checkpoints/final.ckpt, written by scripts/main_job.py, is reused; trained
 here if missing), the 800-800 MLP student of student.yaml, online distillation with distill.yaml and
 cached distillation with distill_cached.yaml. Every student has the same seed, recipe and budget.
 
@@ -52,7 +52,7 @@ from kd_lightning.pipeline import run_stage, working_directory  # noqa: E402
 from kd_lightning.store import Encoding, SoftTargetStore, StoreWriter  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
-TEACHER_CKPT = ROOT / "runs" / "fashion_mnist" / "teacher" / "checkpoints" / "final.ckpt"
+TEACHER_CKPT = ROOT / "runs" / "fashion_mnist" / "teacher" / "seed0" / "checkpoints" / "final.ckpt"
 QUICK = [
     "--trainer.max_epochs=2",
     "--trainer.limit_train_batches=20",
