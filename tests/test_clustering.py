@@ -31,7 +31,7 @@ from kd_lightning.clustering import (
 )
 from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule
-from kd_lightning.planted import planted_hierarchy
+from kd_lightning.planted import UNEVEN_SETTINGS, planted_hierarchy
 from kd_lightning.plots import plot_class_groups
 
 
@@ -140,21 +140,7 @@ def test_bounded_assignment_is_optimal_by_brute_force():
 
 # Planted hierarchies of uneven group sizes (kd_lightning.planted), no training: the default grouping
 # must recover every one of them (adjusted Rand index >= 0.95), on every seed.
-UNEVEN = {
-    "100 classes, 12 groups of 3-15": dict(num_classes=100, num_groups=12, min_size=3, max_size=15),
-    "100 classes, 12 groups of 1-20": dict(num_classes=100, num_groups=12, min_size=1, max_size=20),
-    "30 classes, 5 groups of 2-10": dict(num_classes=30, num_groups=5, min_size=2, max_size=10),
-    "10 classes, 4 groups of 1-4": dict(num_classes=10, num_groups=4, min_size=1, max_size=4),
-    "100 classes, 60% accurate, half the errors outside": dict(
-        num_classes=100,
-        num_groups=12,
-        min_size=3,
-        max_size=15,
-        accuracy=0.6,
-        within_group=0.5,
-        group_logit=0.5,
-    ),
-}
+UNEVEN = UNEVEN_SETTINGS
 
 
 def _planted_ari(setting: str, seed: int, grouping=None, **bounds) -> tuple[float, list[list[int]]]:
