@@ -32,7 +32,7 @@ class ConfusionClustering(L.Callback):
     repeats of a DistributedSampler dropped by ``index``), builds the ``matrix`` (the paper's covariance
     of predicted probabilities, or a symmetrised confusion matrix), clusters the classes with
     :func:`~kd_lightning.clustering.cluster_classes`, drops groups smaller than ``min_specialist_size``
-    and writes the groups file of DESIGN.md to ``output`` (atomically, on rank 0; every rank then
+    and writes the groups file of docs/architecture.md to ``output`` (atomically, on rank 0; every rank then
     holds the same groups). A heatmap of the matrix with the groups marked is written beside it
     (``<output>.png``) at the end of ``fit``/``validate`` and sent to the logger when it can take images.
 

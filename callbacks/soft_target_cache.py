@@ -587,7 +587,7 @@ class SoftTargetCache(Callback):
         if not isinstance(batch, dict) or "index" not in batch:
             raise ValueError(
                 "SoftTargetCache: batches must be dicts with an 'index' entry (the batch contract of "
-                f"DESIGN.md); got {type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else None}."
+                f"docs/architecture.md); got {type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else None}."
             )
         index = batch["index"]
         n = len(index)

@@ -1,4 +1,4 @@
-"""Indexed classification data: the batch contract of DESIGN.md.
+"""Indexed classification data: the batch contract of docs/architecture.md.
 
 Every item is ``{"input": Tensor, "target": int, "index": int}``. ``index`` is the sample's position
 in its *source* split (the training file or the test file), so it does not change with the

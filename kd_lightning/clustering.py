@@ -10,7 +10,7 @@ matrix's columns; no true labels are needed. This module holds that maths as pur
   the default: it recovers groups of uneven sizes) or the paper's k-means on the matrix's columns
   (:class:`KMeansGrouping`), then an exact assignment that respects bounds on the group sizes, and
   optionally overlapping groups (each class in its ``overlap`` nearest groups);
-* :class:`ClassGroups`: the groups file of DESIGN.md (``num_classes``, ``class_names``, ``groups``,
+* :class:`ClassGroups`: the groups file of docs/architecture.md (``num_classes``, ``class_names``, ``groups``,
   ``method``, ``source``, ``matrix``), validated on read and on write;
 * :class:`PredictionCollector`: a torchmetrics metric that gathers ``(index, probs, target)`` across
   processes and drops the duplicates a DistributedSampler pads with, so the matrix is the same for
@@ -510,12 +510,12 @@ def groups_to_labels(groups: Sequence[Sequence[int]], num_classes: int) -> np.nd
 
 
 # --------------------------------------------------------------------------------------------------
-# The groups file (DESIGN.md contract)
+# The groups file (contract: docs/architecture.md)
 
 
 @dataclass
 class ClassGroups:
-    """Groups of classes, one specialist per group: the JSON groups file of DESIGN.md.
+    """Groups of classes, one specialist per group: the JSON groups file of docs/architecture.md.
 
     Args:
         num_classes: size of the full label space.

@@ -597,7 +597,7 @@ class SpecialistModule(_ClassifierBase):
         net: network factory, the generalist's architecture (its head gets ``G + 1`` outputs).
         num_classes: full label space, linked from the DataModule.
         input_shape: linked from the DataModule.
-        groups_file: a groups file (DESIGN.md) for ``num_classes`` classes.
+        groups_file: a groups file (docs/architecture.md) for ``num_classes`` classes.
         group: which group of that file.
         classes: the group's classes given directly, instead of ``groups_file``.
         generalist_ckpt: checkpoint of the generalist to start from (and take soft targets from).

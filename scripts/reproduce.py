@@ -6,7 +6,7 @@
 Writes docs/reproduction.md and its pictures under docs/reproduction/. Every number in the report is one
 this run computed and printed to stdout; each experiment puts the paper's number beside ours.
 
-Experiments (the paper's MNIST/speech numbers are quoted from the project's notes on the papers, PAPERS.md):
+Experiments (the paper's MNIST/speech numbers are quoted from Hinton, Vinyals & Dean (2015), sections 3-4):
 
 1. gap closure: teacher, student alone, distilled student, on Fashion-MNIST (teacher: the main job's
    ``configs/fashion_mnist/teacher.yaml`` stage; students: scripts/benchmark_kd.py's runs, reused) and on

@@ -2,7 +2,7 @@
 
 DDP inside pytest: ``strategy="ddp"`` would relaunch pytest itself for rank 1, so in-process runs use
 ``ddp_spawn`` with module-level functions, and ``ddp`` is exercised through the ``kd`` command in a
-subprocess (see DESIGN.md, known pitfalls).
+subprocess (see docs/architecture.md, pitfalls).
 """
 
 from __future__ import annotations
