@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -28,15 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd_lightning.pipeline import StageResult, run_stage  # noqa: E402
+from kd_lightning.summary import mean_std  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 REGIMES = {"full": [], "transfer10": ["--data.init_args.train_fraction=0.1", "--trainer.max_epochs=30"]}
-
-
-def mean_std(values: list[float]) -> str:
-    pct = [100 * v for v in values]
-    spread = statistics.stdev(pct) if len(pct) > 1 else 0.0
-    return f"{statistics.mean(pct):.2f} ± {spread:.2f}"
 
 
 def report(regime: str, seeds: list[int], alone: list[StageResult], distilled: list[StageResult]) -> None:

@@ -45,6 +45,7 @@ import train_specialists as ts  # noqa: E402
 
 from kd_lightning.pipeline import run_stage, working_directory  # noqa: E402
 from kd_lightning.planted import UNEVEN_SETTINGS  # noqa: E402
+from kd_lightning.summary import mean_std  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 QUICK = [
@@ -57,11 +58,6 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 SYNTHETIC_WIDTHS = (16, 64)
 # Planted hierarchies for step 0 (label -> planted_hierarchy arguments); a test narrows them.
 PLANTED_SETTINGS: dict[str, dict[str, Any]] = dict(UNEVEN_SETTINGS)
-
-
-def mean_std(values: list[float], scale: float = 100.0) -> str:
-    v = [scale * x for x in values]
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
 
 
 # --------------------------------------------------------------------------------------------------

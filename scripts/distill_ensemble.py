@@ -28,13 +28,10 @@ sys.path.insert(0, str(ROOT))
 from datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
 from kd_lightning.pipeline import run_stage, seed_overrides, train_members  # noqa: E402
+from kd_lightning.summary import mean_std  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 MEMBERS_OUT = "runs/fashion_mnist/members/member"
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * statistics.pstdev(values):.2f}"
 
 
 def main() -> None:
@@ -83,16 +80,20 @@ def main() -> None:
     print(f"\nFashion-MNIST test accuracy (10,000 images); MLP 512-512 ({params:,} parameters) everywhere\n")
     print("| model | runs | test acc (%) | parameters |")
     print("|---|---:|---:|---:|")
-    print(f"| member (hard labels) | {len(members)} | {mean_std(member_acc)} | {params:,} |")
+    print(f"| member (hard labels) | {len(members)} | {mean_std(member_acc, sample=False)} | {params:,} |")
     print(f"| ensemble (mean of probabilities) | 1 | {100 * ens:.2f} | {len(members) * params:,} |")
-    print(f"| distilled student | {len(students)} | {mean_std(student_acc)} | {students[0].params:,} |")
+    print(
+        f"| distilled student | {len(students)} | {mean_std(student_acc, sample=False)} | {students[0].params:,} |"
+    )
     agreement = [s.metrics.get("test/agreement", float("nan")) for s in students]
     print(
         f"\nensemble gain over a member: {100 * (ens - base):+.2f} points; the student's: "
         f"{100 * (statistics.fmean(student_acc) - base):+.2f}; share of the ensemble's gain kept: {100 * share:.0f}% "
         f"(Hinton et al., speech, 10 members: over 80%)"
     )
-    print(f"student-ensemble test agreement: {mean_std(agreement)}%; ensemble NLL {ens_metrics['nll']:.4f}")
+    print(
+        f"student-ensemble test agreement: {mean_std(agreement, sample=False)}%; ensemble NLL {ens_metrics['nll']:.4f}"
+    )
     print(f"wall time: {wall:.0f} s")
     out = Path(args.workdir) / "runs" / "fashion_mnist" / "distill_ensemble" / "report.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ from kd_lightning.models import MLP  # noqa: E402
 from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher  # noqa: E402
 from kd_lightning.objectives import HintonKD  # noqa: E402
 from kd_lightning.optim import OneCycle  # noqa: E402
+from kd_lightning.summary import mean_std  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 MEMBERS_OUT = "runs/fashion_mnist/members/member"
@@ -379,10 +380,6 @@ def _fit_words(fit: dict[str, Any]) -> str:
     return f"AdamW lr {fit['lr']:g}, weight decay {fit.get('weight_decay', 0.0):g}, {schedule}"
 
 
-def _ms(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
-    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * statistics.pstdev(values):.{digits}f}"
-
-
 def gap_closure(
     name: str,
     source: ClassificationSource,
@@ -633,7 +630,7 @@ def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, l
 def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
     """Whether the specialists help, as in the paper, and whether the help grows with coverage (Table 4)."""
     gains = [r["acc"]["kl"] - r["acc"]["generalist"] for r in reports]
-    words = f"the specialists change test accuracy by {_ms(gains, 100)} points; " + (
+    words = f"the specialists change test accuracy by {mean_std(gains, sample=False)} points; " + (
         "like the paper, they help" if min(gains) > 0 else "unlike the paper, they do not help on every seed"
     )
     pooled = bs.pool_by_cover(reports)
@@ -659,7 +656,7 @@ def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
         )
     ari = [r["ari"] for r in reports if "ari" in r]
     if ari:
-        words += f". Adjusted Rand index of the discovered groups vs the planted ones: {_ms(ari, 1, 3)}"
+        words += f". Adjusted Rand index of the discovered groups vs the planted ones: {mean_std(ari, scale=1.0, digits=3, sample=False)}"
     return words + "."
 
 
@@ -677,9 +674,9 @@ def _specialist_lines(title: str, reports: list[dict[str, Any]], picture: str) -
         + ")\n",
         "| | generalist (%) | + specialists, KL (%) | relative change |",
         "|---|---:|---:|---:|",
-        f"| test accuracy | {_ms(col('acc', 'generalist'), 100)} | {_ms(col('acc', 'kl'), 100)} "
+        f"| test accuracy | {mean_std(col('acc', 'generalist'), sample=False)} | {mean_std(col('acc', 'kl'), sample=False)} "
         f"| {100 * (kl - gen) / gen:+.1f}% (paper +4.4%) |",
-        f"| conditional accuracy | {_ms(col('cond_acc', 'generalist'), 100)} | {_ms(col('cond_acc', 'kl'), 100)} "
+        f"| conditional accuracy | {mean_std(col('cond_acc', 'generalist'), sample=False)} | {mean_std(col('cond_acc', 'kl'), sample=False)} "
         f"| {100 * (ckl - cgen) / cgen:+.1f}% (paper 43.1 -> 45.9: +6.5%) |",
         "",
         "| specialists covering the true class | test inputs (all seeds) | generalist (%) | KL (%) | relative change | paper |",
@@ -882,7 +879,7 @@ def main() -> None:
         lines.append(f"| {g['name']} | teacher | {g['teacher'][0]} | {100 * g['teacher'][1]:.2f} |")
         for k, label in (("alone", "student alone"), ("distilled", "distilled student")):
             lines.append(
-                f"| {g['name']} | {label} | {_ms([e for e, _ in g[k]], digits=1)} | {_ms([a for _, a in g[k]], 100)} |"
+                f"| {g['name']} | {label} | {mean_std([e for e, _ in g[k]], scale=1.0, digits=1, sample=False)} | {mean_std([a for _, a in g[k]], sample=False)} |"
             )
     n_extra = m1_transfer["n_train"]
     for key, label in (
@@ -1025,9 +1022,9 @@ def main() -> None:
                 "the gain kept). Ours: the members and students of `scripts/distill_ensemble.py` (the same stages, reused when finished).\n",
                 "| model | runs | test acc (%) |",
                 "|---|---:|---:|",
-                f"| member | {len(ens['members'])} | {_ms(ens['members'], 100)} |",
+                f"| member | {len(ens['members'])} | {mean_std(ens['members'], sample=False)} |",
                 f"| ensemble (mean of probabilities) | 1 | {100 * ens['ensemble']:.2f} |",
-                f"| distilled student | {len(ens['students'])} | {_ms(ens['students'], 100)} |",
+                f"| distilled student | {len(ens['students'])} | {mean_std(ens['students'], sample=False)} |",
                 "",
                 f"- Share of the ensemble's gain kept: {100 * share:.0f}% (paper: over 80%).\n",
             ]
