@@ -3,10 +3,10 @@
 Products, logged when ``fit`` ends (and a ``validate`` run, for the groups file):
 
 - each ModelCheckpoint's checkpoint (its best, else its last written file): type ``model``;
-- each soft-target store a :class:`~callbacks.soft_target_cache.SoftTargetCache` *built* in this run:
+- each soft-target store a :class:`~kd_lightning.callbacks.soft_target_cache.SoftTargetCache` *built* in this run:
   type ``soft-targets``, its header as metadata, its arrays as ``file://`` references (checksummed,
   not copied: a store can be as large as the dataset);
-- each :class:`~callbacks.confusion_clustering.ConfusionClustering` groups file (and its heatmap):
+- each :class:`~kd_lightning.callbacks.confusion_clustering.ConfusionClustering` groups file (and its heatmap):
   type ``class-groups``.
 
 Inputs, recorded when training starts: the teacher checkpoint (the module's ``teacher_ckpt`` or the

@@ -254,7 +254,7 @@ class SoftTargetCache(Callback):
         if dm is None or not callable(getattr(dm, "fingerprint", None)):
             raise ValueError(
                 "SoftTargetCache needs the data from a DataModule with `fingerprint(split)` and "
-                "`<split>_set` datasets (e.g. datamodules.IndexedDataModule), passed as "
+                "`<split>_set` datasets (e.g. kd_lightning.datamodules.IndexedDataModule), passed as "
                 f"`trainer.fit(model, datamodule=...)`; got {type(dm).__name__ if dm is not None else None}."
             )
         classes = self._num_classes(pl_module)
@@ -282,7 +282,7 @@ class SoftTargetCache(Callback):
         if dataset is None or not all(hasattr(dataset, a) for a in needed):
             raise ValueError(
                 f"SoftTargetCache: the DataModule has no usable `{split}_set` for split {split!r} (needs a "
-                f"dataset with {needed}, like datamodules.IndexedDataset); got {type(dataset).__name__}."
+                f"dataset with {needed}, like kd_lightning.datamodules.IndexedDataset); got {type(dataset).__name__}."
             )
         return dataset
 

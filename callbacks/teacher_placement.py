@@ -74,7 +74,7 @@ class TeacherPlacement(L.Callback):
     (the module builds it over the student only) and out of checkpoints (the module strips
     ``teacher.*``). At ``teardown`` the wrapper is removed again; a cast teacher keeps its dtype.
 
-    A module whose soft targets come from a store (:class:`~callbacks.SoftTargetCache`, no teacher in
+    A module whose soft targets come from a store (:class:`~kd_lightning.callbacks.SoftTargetCache`, no teacher in
     memory) is left alone. List this callback after a ``SoftTargetCache`` that builds from the
     module's teacher, so that the store's teacher fingerprint is that of the teacher as loaded.
 

@@ -1,12 +1,17 @@
 """Datasets as :class:`ClassificationSource` objects behind one :class:`IndexedDataModule`."""
 
-from datamodules.base import ClassificationSource, IndexedDataModule, IndexedDataset, split_indices
-from datamodules.cifar import CIFAR10, CIFAR100
-from datamodules.folder import ImageFolder
-from datamodules.idx import MNIST, FashionMNIST, read_idx
-from datamodules.specialist import GroupOversampler, SpecialistDataModule
-from datamodules.tabular import MNIST1D, Digits, Synthetic
-from datamodules.transforms import RandomShift
+from kd_lightning.datamodules.base import (
+    ClassificationSource,
+    IndexedDataModule,
+    IndexedDataset,
+    split_indices,
+)
+from kd_lightning.datamodules.cifar import CIFAR10, CIFAR100
+from kd_lightning.datamodules.folder import ImageFolder
+from kd_lightning.datamodules.idx import MNIST, FashionMNIST, read_idx
+from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
+from kd_lightning.datamodules.tabular import MNIST1D, Digits, Synthetic
+from kd_lightning.datamodules.transforms import RandomShift
 
 __all__ = [
     "ClassificationSource",

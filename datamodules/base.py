@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.resumable import ResumableLoader
-from datamodules.transforms import Transform, replay_seed
+from kd_lightning.datamodules.resumable import ResumableLoader
+from kd_lightning.datamodules.transforms import Transform, replay_seed
 
 VIEW_SCHEDULES = ("cycle", "random")
 # Salt that keeps the "random" view schedule's draws independent of the augmentations' own seeds.
@@ -54,7 +54,7 @@ class IndexedDataset(Dataset):
 
     With ``augment_seed`` set, augmentation is *replayable*: the input of sample ``j`` at an epoch is
     view ``v`` of it, the transform run with a generator seeded by
-    :func:`~datamodules.transforms.replay_seed` ``(augment_seed, j, v)``, so :meth:`input_of` ``(j, v)``
+    :func:`~kd_lightning.datamodules.transforms.replay_seed` ``(augment_seed, j, v)``, so :meth:`input_of` ``(j, v)``
     gives the same tensor in any process at any time; items then also carry ``"view": v``. Which view
     an epoch serves is set by ``views`` and ``view_schedule`` (see :meth:`view_of`) from the epoch
     last given to :meth:`set_epoch`.
@@ -188,7 +188,7 @@ class IndexedDataModule(L.LightningDataModule):
     is the same for every run, model and process.
 
     Args:
-        source: the dataset (``class_path`` in YAML), e.g. ``datamodules.FashionMNIST``.
+        source: the dataset (``class_path`` in YAML), e.g. ``kd_lightning.datamodules.FashionMNIST``.
         batch_size: training batch size per process.
         eval_batch_size: validation/test/predict batch size per process.
         val_size: validation samples carved from the training file: a count or a fraction.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.base import ClassificationSource
+from kd_lightning.datamodules.base import ClassificationSource
 
 
 class ImageFolder(ClassificationSource):

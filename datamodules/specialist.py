@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.base import ClassificationSource, IndexedDataModule
-from datamodules.transforms import Transform
+from kd_lightning.datamodules.base import ClassificationSource, IndexedDataModule
+from kd_lightning.datamodules.transforms import Transform
 from kd_lightning.specialists import GroupSampling, relabel_map
 
 
@@ -109,7 +109,7 @@ def _cycle(indices: Tensor, n: int, generator: torch.Generator) -> Tensor:
 
 
 class SpecialistDataModule(IndexedDataModule):
-    """:class:`~datamodules.base.IndexedDataModule` for training one specialist.
+    """:class:`~kd_lightning.datamodules.base.IndexedDataModule` for training one specialist.
 
     Training batches come from :class:`GroupOversampler`; validation and test stay natural (the
     specialist's dustbin correction is meant for them). Every batch the Trainer runs gets

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from datamodules.base import ClassificationSource
+from kd_lightning.datamodules.base import ClassificationSource
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[Dataset, Tensor]:

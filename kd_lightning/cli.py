@@ -7,7 +7,7 @@ repeats them. This module is the one place in ``kd_lightning`` that imports ``da
 One run, one directory (:func:`place_run`): the run directory is ``<trainer.default_root_dir>/seed<seed>``
 and becomes ``trainer.default_root_dir``; a ModelCheckpoint without a ``dirpath`` writes to
 ``<run dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, named
-``<root name>-seed<seed>`` unless named. Every run gets a :class:`~callbacks.RunIdentity` (the ``--run.*``
+``<root name>-seed<seed>`` unless named. Every run gets a :class:`~kd_lightning.callbacks.RunIdentity` (the ``--run.*``
 arguments): it refuses to overwrite another run's checkpoints (``--run.overwrite=true`` allows it) and
 saves ``last.ckpt`` on SIGTERM. ``--ckpt_path last`` resumes from the run's newest ``last*.ckpt`` or
 ``hpc_ckpt_*.ckpt`` and continues the same W&B run. See docs/resume.md.
@@ -29,12 +29,12 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import callbacks  # noqa: F401  (registers callbacks for class_path)
-import datamodules
+import kd_lightning.callbacks  # noqa: F401  (registers callbacks for class_path)
+import kd_lightning.datamodules
 import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
 import kd_lightning.specialists  # noqa: F401
-from callbacks.run_identity import (
+from kd_lightning.callbacks.run_identity import (
     HPC_PREFIX,
     RunIdentity,
     last_checkpoint,
@@ -60,7 +60,7 @@ def _class_args(value: Any) -> list[Namespace]:
 def place_run(config: Namespace) -> Path:
     """Derive the run's directories from ``trainer.default_root_dir`` and ``seed_everything`` (in place).
 
-    ``trainer.default_root_dir`` becomes the run directory (:func:`~callbacks.run_identity.run_directory`),
+    ``trainer.default_root_dir`` becomes the run directory (:func:`~kd_lightning.callbacks.run_identity.run_directory`),
     ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, KDWandbLoggers without a
     ``save_dir`` log to the run directory (named ``<root name>-seed<seed>`` unless named), and
     ``run.run_dir``/``run.seed`` record it. Paths given explicitly are kept.
@@ -169,7 +169,7 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
     """Entry point of ``kd``; ``args`` and ``run`` let scripts and tests call it in-process."""
     return KDCLI(
         L.LightningModule,
-        datamodules.IndexedDataModule,
+        kd_lightning.datamodules.IndexedDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         # Optimizers are module arguments built over the trainable network only; LightningCLI's

@@ -110,7 +110,7 @@ class Ensemble(nn.Module):
 
     An ``Ensemble`` is an ordinary module, so it is a teacher wherever a teacher is accepted: pass it as
     :class:`~kd_lightning.modules.DistillationModule`'s ``teacher`` (in YAML, a ``class_path`` with
-    ``checkpoints``), live or through :class:`~callbacks.SoftTargetCache`.
+    ``checkpoints``), live or through :class:`~kd_lightning.callbacks.SoftTargetCache`.
 
     Args:
         checkpoints: member checkpoints written by this package (e.g. by ``scripts/train_members.py``).

@@ -87,7 +87,7 @@ def run_stage(
         ValueError: the config has no ModelCheckpoint callback with a fixed ``filename`` (its output could
             not be found again).
     """
-    from callbacks.run_identity import last_checkpoint
+    from kd_lightning.callbacks.run_identity import last_checkpoint
     from kd_lightning.cli import continue_wandb_run, main  # the CLI registers every class a config may name
 
     config = Path(config).resolve()

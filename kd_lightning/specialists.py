@@ -538,7 +538,7 @@ def init_from_generalist(specialist: nn.Module, generalist: nn.Module, classes: 
 class GroupSampling:
     """How a DataModule samples a specialist's group: which classes, their share of the data and of
     the training batches. A DataModule exposes it as ``group_sampling`` (e.g.
-    ``datamodules.SpecialistDataModule``); :class:`SpecialistModule` turns it into the dustbin
+    ``kd_lightning.datamodules.SpecialistDataModule``); :class:`SpecialistModule` turns it into the dustbin
     correction."""
 
     classes: tuple[int, ...]

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from callbacks import SoftTargetCache  # noqa: E402
+from kd_lightning.callbacks import SoftTargetCache  # noqa: E402
 from kd_lightning.cli import main as kd  # noqa: E402
 from kd_lightning.modules import load_teacher  # noqa: E402
 from kd_lightning.pipeline import run_stage, working_directory  # noqa: E402

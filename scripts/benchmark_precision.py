@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.teacher_placement import TeacherPlacement
+from kd_lightning.callbacks.teacher_placement import TeacherPlacement
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import DistillationModule
 

@@ -8,7 +8,7 @@
    sizes, a simulated generalist's predictions, no training): the adjusted Rand index of each
    grouping method of ``kd_lightning.clustering`` against the planted groups, per setting and seed.
 
-1. Synthetic data with planted groups (``datamodules.Synthetic``: 50 Gaussian classes in 10
+1. Synthetic data with planted groups (``kd_lightning.datamodules.Synthetic``: 50 Gaussian classes in 10
    superclasses; labels permuted so the groups are not contiguous blocks). Per seed and for two
    generalist widths (one hidden layer of 16 or 64 units): an MLP generalist with the
    ConfusionClustering callback, the adjusted Rand index of its groups against the planted ones, one
@@ -143,10 +143,10 @@ def synthetic_run(
     import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from callbacks.confusion_clustering import ConfusionClustering
-    from datamodules import IndexedDataModule, Synthetic
-    from datamodules.specialist import SpecialistDataModule
+    from kd_lightning.callbacks.confusion_clustering import ConfusionClustering
     from kd_lightning.clustering import ClassGroups, groups_to_labels
+    from kd_lightning.datamodules import IndexedDataModule, Synthetic
+    from kd_lightning.datamodules.specialist import SpecialistDataModule
     from kd_lightning.models import MLP
     from kd_lightning.modules import ClassifierModule
     from kd_lightning.specialists import SpecialistEnsemble, SpecialistModule
@@ -409,7 +409,7 @@ def main() -> None:
             print(f"\nelapsed: {time.perf_counter() - start:.0f} s", flush=True)
 
     if not args.skip_fashion_mnist:
-        from datamodules import FashionMNIST
+        from kd_lightning.datamodules import FashionMNIST
 
         if not FashionMNIST().available():
             print("\nFashion-MNIST files missing (run `make data`): skipped.")

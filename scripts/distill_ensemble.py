@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
 from kd_lightning.pipeline import run_stage, seed_overrides, train_members  # noqa: E402
 from kd_lightning.summary import mean_std  # noqa: E402

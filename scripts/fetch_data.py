@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules import FashionMNIST  # noqa: E402
+from kd_lightning.datamodules import FashionMNIST  # noqa: E402
 
 
 def present() -> bool:

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import train_specialists as ts  # noqa: E402
 
-from datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.costs import forward_flops  # noqa: E402
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
 from kd_lightning.modules import load_teacher  # noqa: E402
 from kd_lightning.pipeline import run_stage, train_members, working_directory  # noqa: E402

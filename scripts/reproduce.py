@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_kd, benchmark_specialists
 import benchmark_specialists as bs  # noqa: E402
 from benchmark_kd import run_regime  # noqa: E402
 
-from datamodules import MNIST1D, FashionMNIST, IndexedDataModule  # noqa: E402
-from datamodules.base import ClassificationSource  # noqa: E402
+from kd_lightning.datamodules import MNIST1D, FashionMNIST, IndexedDataModule  # noqa: E402
+from kd_lightning.datamodules.base import ClassificationSource  # noqa: E402
 from kd_lightning.ensemble import predict_logits  # noqa: E402
 from kd_lightning.models import MLP  # noqa: E402
 from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher  # noqa: E402

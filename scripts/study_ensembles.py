@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.costs import forward_flops, measure_latency  # noqa: E402
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
 from kd_lightning.ensemble import Ensemble, classification_metrics, combine_logits, predict_logits  # noqa: E402
 from kd_lightning.modules import load_teacher  # noqa: E402
 from kd_lightning.pipeline import train_members  # noqa: E402

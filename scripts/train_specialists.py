@@ -134,8 +134,8 @@ def evaluate(
         The :class:`~kd_lightning.specialists.SpecialistEnsemble` report, plus wall-clock seconds of the
         generalist alone and of the ensemble over the test split.
     """
-    from datamodules import IndexedDataModule
     from kd_lightning.cli import main
+    from kd_lightning.datamodules import IndexedDataModule
     from kd_lightning.modules import load_teacher
     from kd_lightning.specialists import SpecialistEnsemble
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 from trainers import quiet_trainer
 
-from datamodules.base import ClassificationSource, IndexedDataModule
+from kd_lightning.datamodules.base import ClassificationSource, IndexedDataModule
 
 os.environ.setdefault("WANDB_MODE", "offline")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")

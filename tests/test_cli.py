@@ -11,8 +11,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import FashionMNIST
 from kd_lightning.cli import main
+from kd_lightning.datamodules import FashionMNIST
 from kd_lightning.pipeline import train_members
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,7 @@ from sklearn.metrics import adjusted_rand_score, confusion_matrix
 from torch.utils.data import TensorDataset
 from trainers import quiet_trainer
 
-from callbacks.confusion_clustering import ConfusionClustering
-from datamodules import IndexedDataModule, Synthetic
+from kd_lightning.callbacks.confusion_clustering import ConfusionClustering
 from kd_lightning.clustering import (
     ClassGroups,
     KMeansGrouping,
@@ -29,6 +28,7 @@ from kd_lightning.clustering import (
     groups_to_labels,
     prediction_covariance,
 )
+from kd_lightning.datamodules import IndexedDataModule, Synthetic
 from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.planted import UNEVEN_SETTINGS, planted_hierarchy

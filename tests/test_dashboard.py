@@ -14,9 +14,9 @@ import torch
 from conftest import TinySource
 from torchmetrics.classification import MulticlassCalibrationError
 
-from callbacks import DistillationDashboard
-from callbacks.dashboard import ConfidenceBins
-from datamodules.base import IndexedDataModule
+from kd_lightning.callbacks import DistillationDashboard
+from kd_lightning.callbacks.dashboard import ConfidenceBins
+from kd_lightning.datamodules.base import IndexedDataModule
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.objectives import HintonKD

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import (
+from kd_lightning.datamodules import (
     CIFAR10,
     CIFAR100,
     MNIST,

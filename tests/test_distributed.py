@@ -23,9 +23,9 @@ from conftest import TinySource
 from torch import nn
 from trainers import quiet_trainer
 
-from callbacks import TeacherPlacement
-from callbacks.teacher_placement import PlacedTeacher
-from datamodules import IndexedDataModule, Synthetic
+from kd_lightning.callbacks import TeacherPlacement
+from kd_lightning.callbacks.teacher_placement import PlacedTeacher
+from kd_lightning.datamodules import IndexedDataModule, Synthetic
 from kd_lightning.losses import soft_target_loss
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
@@ -316,10 +316,10 @@ def test_two_processes_reach_the_one_process_metrics(runs):
 def write_tiny_configs(path: Path) -> tuple[Path, Path]:
     """A Synthetic-data teacher checkpoint and a distillation config that reads it, both tiny."""
     data = {
-        "class_path": "datamodules.IndexedDataModule",
+        "class_path": "kd_lightning.datamodules.IndexedDataModule",
         "init_args": {
             "source": {
-                "class_path": "datamodules.Synthetic",
+                "class_path": "kd_lightning.datamodules.Synthetic",
                 "init_args": {
                     "num_superclasses": 2,
                     "classes_per_superclass": 2,
@@ -352,7 +352,7 @@ def write_tiny_configs(path: Path) -> tuple[Path, Path]:
             "enable_model_summary": False,
             "default_root_dir": str(path / "run"),
             "callbacks": [
-                {"class_path": "callbacks.TeacherPlacement", "init_args": {"dtype": "bfloat16"}},
+                {"class_path": "kd_lightning.callbacks.TeacherPlacement", "init_args": {"dtype": "bfloat16"}},
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(path / "run"), "filename": "final"},

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks import SoftTargetCache
-from datamodules import FashionMNIST
+from kd_lightning.callbacks import SoftTargetCache
 from kd_lightning.costs import forward_flops, measure_latency
+from kd_lightning.datamodules import FashionMNIST
 from kd_lightning.ensemble import (
     RULES,
     Ensemble,

@@ -99,13 +99,13 @@ def tiny_config(path: Path) -> Path:
             },
         },
         "data": {
-            "class_path": "datamodules.IndexedDataModule",
+            "class_path": "kd_lightning.datamodules.IndexedDataModule",
             "init_args": {
                 # conftest's 1x8x8 images (256 training images, 64 of them for validation), shifted and
                 # flipped at random: the augmentation draws from torch's generator as the batch is fetched.
                 "source": {"class_path": "conftest.TinySource", "init_args": {"num_classes": 4}},
                 "train_transform": {
-                    "class_path": "datamodules.RandomShift",
+                    "class_path": "kd_lightning.datamodules.RandomShift",
                     "init_args": {"max_shift": 1, "hflip": True},
                 },
                 "batch_size": 16,

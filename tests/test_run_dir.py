@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.run_identity import read_run_record, run_directory
+from kd_lightning.callbacks.run_identity import read_run_record, run_directory
 from kd_lightning.cli import main
 from kd_lightning.pipeline import run_stage
 
@@ -41,10 +41,10 @@ def tiny_config(path: Path, checkpoint: dict | None = None) -> Path:
             "init_args": {"net": {"class_path": "kd_lightning.models.MLP", "init_args": {"hidden": [8]}}},
         },
         "data": {
-            "class_path": "datamodules.IndexedDataModule",
+            "class_path": "kd_lightning.datamodules.IndexedDataModule",
             "init_args": {
                 "source": {
-                    "class_path": "datamodules.Synthetic",
+                    "class_path": "kd_lightning.datamodules.Synthetic",
                     "init_args": {"num_superclasses": 2, "classes_per_superclass": 2, "dim": 8},
                 },
                 "batch_size": 16,

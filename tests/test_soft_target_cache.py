@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks import SoftTargetCache
-from datamodules import Digits, IndexedDataModule, RandomShift
+from kd_lightning.callbacks import SoftTargetCache
+from kd_lightning.datamodules import Digits, IndexedDataModule, RandomShift
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.objectives import HintonKD

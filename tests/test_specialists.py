@@ -15,10 +15,10 @@ from conftest import load_script
 from torch import nn
 from trainers import quiet_trainer
 
-from datamodules import IndexedDataModule, Synthetic
-from datamodules.specialist import GroupOversampler, SpecialistDataModule
 from kd_lightning.clustering import ClassGroups
 from kd_lightning.costs import forward_flops
+from kd_lightning.datamodules import IndexedDataModule, Synthetic
+from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, load_teacher
 from kd_lightning.specialists import (
@@ -453,10 +453,10 @@ model:
     groups_file: groups.json
     generalist_ckpt: generalist.ckpt
 data:
-  class_path: datamodules.specialist.SpecialistDataModule
+  class_path: kd_lightning.datamodules.specialist.SpecialistDataModule
   init_args:
     source:
-      class_path: datamodules.Synthetic
+      class_path: kd_lightning.datamodules.Synthetic
       init_args: {num_superclasses: 3, classes_per_superclass: 2, dim: 8, train_per_class: 40, test_per_class: 10}
     batch_size: 32
     eval_batch_size: 64

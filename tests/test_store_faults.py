@@ -29,8 +29,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks import SoftTargetCache
-from datamodules import IndexedDataModule
+from kd_lightning.callbacks import SoftTargetCache
+from kd_lightning.datamodules import IndexedDataModule
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import DistillationModule
 from kd_lightning.objectives import HintonKD
@@ -260,8 +260,8 @@ KILLED_BUILD = textwrap.dedent(
     import lightning as L, torch
     from torch import nn
     from conftest import TinySource
-    from callbacks import SoftTargetCache
-    from datamodules import IndexedDataModule
+    from kd_lightning.callbacks import SoftTargetCache
+    from kd_lightning.datamodules import IndexedDataModule
     from kd_lightning.models import MLP, SmallCNN
     from kd_lightning.modules import DistillationModule
 

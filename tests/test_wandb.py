@@ -17,10 +17,10 @@ from conftest import TinySource
 from lightning.pytorch.callbacks import ModelCheckpoint
 from wandb_records import is_finite_number, read_run, run_files
 
-from callbacks import ArtifactLogger, DistillationDashboard, SoftTargetCache
-from datamodules.base import IndexedDataModule
 from kd_lightning import loggers
+from kd_lightning.callbacks import ArtifactLogger, DistillationDashboard, SoftTargetCache
 from kd_lightning.cli import main
+from kd_lightning.datamodules.base import IndexedDataModule
 from kd_lightning.loggers import KDWandbLogger, check_writable_dir, resolve_mode
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
@@ -139,7 +139,7 @@ def test_student_run_logs_the_dashboard_images_store_and_lineage(tmp_path, teach
 
 
 def test_groups_file_is_an_artifact(tmp_path, monkeypatch):
-    from callbacks import ConfusionClustering
+    from kd_lightning.callbacks import ConfusionClustering
 
     monkeypatch.chdir(tmp_path)
     clustering = ConfusionClustering(2, str(tmp_path / "groups.json"), min_specialist_size=1)
@@ -210,7 +210,7 @@ trainer:
     class_path: kd_lightning.loggers.KDWandbLogger
     init_args: {save_dir: runs/tiny, name: tiny, project: kd-tests, group: cli, tags: [a, b]}
   callbacks:
-    - class_path: callbacks.DistillationDashboard
+    - class_path: kd_lightning.callbacks.DistillationDashboard
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {dirpath: runs/tiny/checkpoints, filename: final, enable_version_counter: false}
 model:
@@ -218,10 +218,10 @@ model:
   init_args:
     net: {class_path: kd_lightning.models.MLP, init_args: {hidden: [8]}}
 data:
-  class_path: datamodules.IndexedDataModule
+  class_path: kd_lightning.datamodules.IndexedDataModule
   init_args:
     source:
-      class_path: datamodules.Synthetic
+      class_path: kd_lightning.datamodules.Synthetic
       init_args: {num_superclasses: 2, classes_per_superclass: 2, dim: 8, train_per_class: 16, test_per_class: 4}
     batch_size: 16
     val_size: 16
