@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from kd_lightning.costs import forward_flops
-from kd_lightning.modules import _ClassifierBase, load_teacher, teacher_num_classes
+from kd_lightning.modules import ClassifierBase, load_teacher, teacher_num_classes
 
 Rule = Literal["mean_probs", "mean_logits", "geometric"]
 
@@ -189,7 +189,7 @@ def _common_num_classes(members: Sequence[nn.Module], input_shape: tuple[int, ..
     return classes[0]
 
 
-class EnsembleModule(_ClassifierBase):
+class EnsembleModule(ClassifierBase):
     """Evaluate an ensemble with ``kd test`` / ``kd validate``: accuracy, NLL, calibration and cost.
 
     Logs ``{val,test}/acc`` (top-1), ``/loss`` (NLL of the combined distribution), ``/ece`` (top-label,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.objectives import HintonKD, Objective
 from kd_lightning.optim import Schedule
 
@@ -33,13 +34,13 @@ CLASS_KEY = "kd_lightning_class"
 class NonFiniteLossError(FloatingPointError):
     """A training loss came out NaN or infinite.
 
-    Raised before the backward pass of that step (see :meth:`_ClassifierBase.on_before_backward`):
+    Raised before the backward pass of that step (see :meth:`ClassifierBase.on_before_backward`):
     the weights are still those of the step before, and the run stops before any checkpoint
     callback can save a model trained on the bad value.
     """
 
 
-class _ClassifierBase(L.LightningModule):
+class ClassifierBase(L.LightningModule):
     """What every classifier-shaped module shares: forward, evaluation, logging, optimizers, checkpoints.
 
     Every module that trains through it stops at the first non-finite training loss with a
@@ -63,7 +64,7 @@ class _ClassifierBase(L.LightningModule):
         self.input_shape = tuple(input_shape)
         self.optimizer = optimizer
         self.lr_schedule = lr_schedule
-        self.metrics = _stage_metrics(num_classes, agreement)
+        self.metrics = stage_metrics(num_classes, agreement)
         self._loss_sums: dict[str, dict[str, Tensor]] = {}
         self._loss_counts: dict[str, int] = {}
         self._batch_index: Tensor | None = None
@@ -170,7 +171,7 @@ class _ClassifierBase(L.LightningModule):
         checkpoint[CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
 
-class ClassifierModule(_ClassifierBase):
+class ClassifierModule(ClassifierBase):
     """Train and evaluate one classifier with cross-entropy: a teacher, a generalist or a baseline.
 
     Logs ``{train,val,test}/loss`` and ``{train,val,test}/acc`` (top-1, micro-averaged).
@@ -208,12 +209,13 @@ class ClassifierModule(_ClassifierBase):
         return loss
 
 
-class DistillationModule(_ClassifierBase):
+class DistillationModule(FrozenNetworks, ClassifierBase):
     """Train a student on a frozen teacher's soft targets (and the hard labels).
 
-    The teacher is frozen by construction: it is in eval mode whatever ``train()`` is called with,
-    its parameters have ``requires_grad=False``, the optimizer is built over the student only, and
-    its weights are left out of the student's checkpoints (reloaded from ``teacher_ckpt`` instead).
+    The teacher is frozen by construction (:class:`~kd_lightning.frozen.FrozenNetworks`): it is in eval
+    mode whatever ``train()`` is called with, its parameters have ``requires_grad=False``, the optimizer
+    is built over the student only, and its weights are left out of the student's checkpoints (reloaded
+    from ``teacher_ckpt`` instead).
 
     Logs, besides the classifier's keys, each component of the objective (``train/hard``,
     ``train/soft``, ...), ``train/temperature``, and on validation/test ``teacher_acc`` and the
@@ -267,22 +269,14 @@ class DistillationModule(_ClassifierBase):
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Attach ``teacher`` frozen, after checking it predicts this module's number of classes."""
-        teacher.eval().requires_grad_(False)
+        teacher.eval()
         classes = teacher_num_classes(teacher, self.input_shape)
         if classes != self.num_classes:
             raise ValueError(
                 f"teacher and student disagree on the number of classes: the teacher outputs {classes} "
                 f"logits but `num_classes` (student, from the data) is {self.num_classes}."
             )
-        self.teacher = teacher
-
-    def train(self, mode: bool = True) -> DistillationModule:
-        # Lightning puts every submodule back in train mode after validation; the teacher must stay in
-        # eval (dropout off, BatchNorm statistics frozen) whatever the loops do.
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
+        self.freeze("teacher", teacher)
 
     def teacher_logits(self, batch: dict[str, Any]) -> Tensor:
         """The teacher's logits for ``batch``: ``batch["teacher_logits"]`` when something upstream (the
@@ -325,21 +319,6 @@ class DistillationModule(_ClassifierBase):
             out["teacher_logits"] = teacher_logits.detach()
         return out
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # The teacher is reloaded from `teacher_ckpt`; copying it into every student checkpoint
-        # would multiply disk use by the teacher/student size ratio.
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Put the current teacher's weights back so that strict loading still checks every student key.
-        if self.teacher is not None:
-            state = checkpoint["state_dict"]
-            for key, value in self.teacher.state_dict().items():
-                state.setdefault(f"teacher.{key}", value)
-
 
 def non_finite_loss_message(
     value: float, global_step: int, epoch: int, batch_idx: int, index: Tensor | None
@@ -360,7 +339,7 @@ def non_finite_loss_message(
     )
 
 
-def _stage_metrics(num_classes: int, agreement: bool) -> nn.ModuleDict:
+def stage_metrics(num_classes: int, agreement: bool) -> nn.ModuleDict:
     """One set of metric states per stage (torchmetrics objects must not be shared between loops).
 
     Keys are ``"<stage>_"``: a ModuleDict key may not shadow a Module attribute such as ``train``.

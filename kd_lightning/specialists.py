@@ -40,7 +40,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from kd_lightning.clustering import ClassGroups, first_per_index
 from kd_lightning.costs import forward_flops
 from kd_lightning.losses import check_temperature, check_weight, soft_target_loss
-from kd_lightning.modules import CLASS_KEY, NetFactory, _ClassifierBase, _stage_metrics, load_teacher
+from kd_lightning.modules import CLASS_KEY, ClassifierBase, NetFactory, load_teacher, stage_metrics
 from kd_lightning.optim import Schedule
 
 # Checkpoint entry naming the group a specialist was trained for, so an ensemble can refuse a
@@ -575,7 +575,7 @@ def _load_generalist(path: str) -> L.LightningModule:
         raise ValueError(str(err).replace("`teacher_ckpt`", "`generalist_ckpt`")) from err
 
 
-class SpecialistModule(_ClassifierBase):
+class SpecialistModule(ClassifierBase):
     """One specialist: a classifier over one group's classes plus a dustbin class for all the others.
 
     Built from a groups file (``groups_file``, ``group``) or from explicit ``classes``; initialised
@@ -647,7 +647,7 @@ class SpecialistModule(_ClassifierBase):
         self.register_buffer("classes", torch.tensor(self.group_classes, dtype=torch.long))
         self.register_buffer("label_map", relabel_map(self.group_classes, num_classes))
         self.register_buffer("dustbin_shift", torch.zeros(()))
-        self.metrics = _stage_metrics(len(self.group_classes) + 1, agreement=False)
+        self.metrics = stage_metrics(len(self.group_classes) + 1, agreement=False)
         self.net = net(self.input_shape, len(self.group_classes) + 1)
         head_name, head = head_layer(self.net)
         if head.out_features != len(self.group_classes) + 1:

@@ -1,0 +1,55 @@
+"""The typed contracts between the DataModules, the modules and the callbacks.
+
+A batch is a dict whose keys are fixed here (:class:`Batch`); every module's ``validation_step`` and
+``test_step`` return an :class:`EvalOutput` that callbacks (dashboard, clustering) read instead of
+running the model again. docs/architecture.md shows where each key is set and read.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+from torch import Tensor
+
+try:  # Python 3.11+
+    from typing import NotRequired
+except ImportError:  # pragma: no cover - Python 3.10
+    from typing_extensions import NotRequired
+
+
+class Batch(TypedDict):
+    """One collated batch, as the DataModules yield it and the modules read it.
+
+    Keys:
+        input: ``(N, *input_shape)`` inputs, possibly augmented.
+        target: int64 ``(N,)`` class ids in the dataset's full label space.
+        index: int64 ``(N,)`` position of each sample in its source split (training or test file).
+        view: int64 ``(N,)`` which replayable augmentation of the sample this is (only with
+            ``augment_seed``).
+        specialist_target: int64 ``(N,)`` position of ``target`` in a specialist's group, or the group
+            size for the dustbin (only for a specialist's data).
+        teacher_logits: fp32 ``(N, C)`` the teacher's outputs for these samples (only when a soft-target
+            store serves them).
+    """
+
+    input: Tensor
+    target: Tensor
+    index: Tensor
+    view: NotRequired[Tensor]
+    specialist_target: NotRequired[Tensor]
+    teacher_logits: NotRequired[Tensor]
+
+
+class EvalOutput(TypedDict):
+    """What every module's ``validation_step`` / ``test_step`` returns (detached).
+
+    Keys:
+        logits: ``(N, K)`` the model's logits (or log-probabilities, for combinations) over its
+            ``K`` outputs: the data's classes, or a specialist's group plus its dustbin.
+        target: int64 ``(N,)`` the labels ``logits`` are scored against (a specialist's own labels).
+        teacher_logits: ``(N, K)`` the teacher's outputs, for modules that distil from one.
+    """
+
+    logits: Tensor
+    target: Tensor
+    teacher_logits: NotRequired[Tensor]
