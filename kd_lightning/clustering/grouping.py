@@ -1,140 +1,21 @@
-"""Groups of classes that a classifier confuses (Hinton, Vinyals & Dean 2015, section 5), and the groups file.
+"""Grouping classes by a class-by-class matrix: spectral clustering or the paper's k-means, with bounds.
 
-The paper clusters "the covariance matrix of the predictions of our generalist model, so that a set of
-classes that are often predicted together" becomes the label set of one specialist, with k-means on the
-matrix's columns; no true labels are needed. This module holds that maths as pure functions:
-
-* :func:`prediction_covariance` (the paper's matrix) and :func:`confusion_affinity` (a symmetrised,
-  row-normalised soft confusion matrix, which needs labels), chosen by name through :data:`MATRICES`;
-* :func:`cluster_classes`: spectral clustering of the matrix as an affinity (:class:`SpectralGrouping`,
-  the default: it recovers groups of uneven sizes) or the paper's k-means on the matrix's columns
-  (:class:`KMeansGrouping`), then an exact assignment that respects bounds on the group sizes, and
-  optionally overlapping groups (each class in its ``overlap`` nearest groups);
-* :class:`ClassGroups`: the groups file of docs/architecture.md (``num_classes``, ``class_names``, ``groups``,
-  ``method``, ``source``, ``matrix``), validated on read and on write;
-* :class:`PredictionCollector`: a torchmetrics metric that gathers ``(index, probs, target)`` across
-  processes and drops the duplicates a DistributedSampler pads with, so the matrix is the same for
-  any number of processes.
+:func:`cluster_classes` embeds the classes with a :class:`Grouping` (:class:`SpectralGrouping`, the
+default: it recovers groups of uneven sizes, or the paper's :class:`KMeansGrouping` on the matrix's
+columns), runs k-means, then an exact assignment that respects bounds on the group sizes
+(:func:`bounded_assignment`), and optionally makes the groups overlap (each class in its ``overlap``
+nearest groups). The helpers after it post-process a partition (drop small or repeated groups, label
+vectors for scoring).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
-
-GROUPS_FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Matrices
-
-
-def _check_probs(probs: Tensor, name: str = "probs") -> None:
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise ValueError(
-            f"`{name}` must have shape (num_samples, num_classes >= 2), got {tuple(probs.shape)}."
-        )
-
-
-def prediction_covariance(probs: Tensor) -> Tensor:
-    """Covariance over samples of the predicted class probabilities: the paper's clustering matrix.
-
-    Entry ``(i, j)`` is positive when classes ``i`` and ``j`` tend to receive probability on the same
-    inputs, i.e. when the classifier confuses them; no labels are needed.
-
-    Args:
-        probs: ``(N, C)`` predicted probabilities, ``N >= 2``.
-
-    Returns:
-        ``(C, C)`` symmetric fp64 tensor, normalised by ``N - 1`` like :func:`numpy.cov`.
-
-    Raises:
-        ValueError: ``probs`` is not ``(N >= 2, C >= 2)``.
-
-    Example:
-        >>> p = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
-        >>> prediction_covariance(p)[0].round(decimals=4).tolist()
-        [0.0833, 0.0833, -0.1667]
-    """
-    _check_probs(probs)
-    if probs.shape[0] < 2:
-        raise ValueError(f"`probs` needs at least 2 samples for a covariance, got {probs.shape[0]}.")
-    x = probs.double()
-    x = x - x.mean(0, keepdim=True)
-    return x.T @ x / (x.shape[0] - 1)
-
-
-def confusion_affinity(probs: Tensor, target: Tensor) -> Tensor:
-    """Symmetrised, row-normalised soft confusion matrix ``(M + M^T) / 2``.
-
-    Row ``c`` of ``M`` is the mean predicted distribution over the samples whose true class is ``c``
-    (a soft confusion matrix; pass one-hot ``probs`` for the hard one). Normalising by the class's
-    sample count keeps rare classes from looking unconfusable; symmetrising makes "i mistaken for j"
-    and "j mistaken for i" one affinity. A class with no sample has a zero row.
-
-    Args:
-        probs: ``(N, C)`` predicted probabilities.
-        target: ``(N,)`` true class ids in ``[0, C)``.
-
-    Returns:
-        ``(C, C)`` symmetric fp64 tensor with entries in ``[0, 1]``.
-
-    Raises:
-        ValueError: shapes disagree or a target lies outside ``[0, C)``.
-
-    Example:
-        >>> p = torch.tensor([[0.6, 0.4], [0.0, 1.0]])
-        >>> confusion_affinity(p, torch.tensor([0, 1])).round(decimals=4).tolist()
-        [[0.6, 0.2], [0.2, 1.0]]
-    """
-    _check_probs(probs)
-    num_classes = probs.shape[1]
-    if target.shape != probs.shape[:1]:
-        raise ValueError(
-            f"`target` must have shape ({probs.shape[0]},) to match `probs`, got {tuple(target.shape)}."
-        )
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(
-            f"`target` must lie in [0, {num_classes}), got values in [{int(target.min())}, {int(target.max())}]."
-        )
-    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=probs.device)
-    sums.index_add_(0, target.long(), probs.double())
-    counts = torch.bincount(target.long(), minlength=num_classes).clamp_min(1).double()
-    m = sums / counts[:, None]
-    return (m + m.T) / 2
-
-
-# Name -> matrix builder ``(probs, target) -> (C, C)``; the callback's ``matrix`` argument picks one.
-MATRICES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "covariance": lambda probs, target: prediction_covariance(probs),
-    "confusion": confusion_affinity,
-}
-
-
-def class_matrix(kind: str, probs: Tensor, target: Tensor) -> Tensor:
-    """The ``(C, C)`` matrix named ``kind`` (a key of :data:`MATRICES`) of these predictions.
-
-    Raises:
-        ValueError: ``kind`` is not a known name (the message lists them).
-    """
-    if kind not in MATRICES:
-        raise ValueError(f"`matrix` must be one of {sorted(MATRICES)}, got {kind!r}.")
-    return MATRICES[kind](probs, target)
-
-
-# --------------------------------------------------------------------------------------------------
-# Clustering
 
 
 class Grouping(ABC):
@@ -271,13 +152,15 @@ def class_affinity(matrix: np.ndarray, closure: bool = True) -> np.ndarray:
     component of its own rather than a node whose few noisy edges decide its group.
 
     Args:
-        matrix: ``(C, C)`` matrix, e.g. :func:`prediction_covariance`.
+        matrix: ``(C, C)`` matrix, e.g. :func:`~kd_lightning.clustering.matrices.prediction_covariance`.
         closure: add the closure term.
 
     Returns:
         ``(C, C)`` symmetric non-negative fp64 array.
 
     Example:
+        >>> import torch
+        >>> from kd_lightning.clustering.matrices import prediction_covariance
         >>> p = torch.tensor([[0.6, 0.4, 0, 0], [0.4, 0.6, 0, 0], [0, 0, 0.6, 0.4], [0, 0, 0.4, 0.6]])
         >>> (class_affinity(prediction_covariance(p).numpy()) > 0).astype(int).tolist()
         [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
@@ -359,7 +242,7 @@ def cluster_classes(
     as the paper's groups may overlap; ``min_size`` bounds the groups before they gain these members.
 
     Args:
-        matrix: ``(C, C)`` matrix, e.g. :func:`prediction_covariance`.
+        matrix: ``(C, C)`` matrix, e.g. :func:`~kd_lightning.clustering.matrices.prediction_covariance`.
         num_groups: ``K``, the number of groups.
         method: :class:`SpectralGrouping` (default) or :class:`KMeansGrouping` (the paper's).
         min_size: least classes per group (1 forbids empty groups).
@@ -507,172 +390,3 @@ def groups_to_labels(groups: Sequence[Sequence[int]], num_classes: int) -> np.nd
             if labels[c] < 0:
                 labels[c] = g
     return labels
-
-
-# --------------------------------------------------------------------------------------------------
-# The groups file (contract: docs/architecture.md)
-
-
-@dataclass
-class ClassGroups:
-    """Groups of classes, one specialist per group: the JSON groups file of docs/architecture.md.
-
-    Args:
-        num_classes: size of the full label space.
-        class_names: one name per class.
-        groups: lists of class ids; each non-empty, without repeats, distinct from every other group.
-            Classes in no group are left to the generalist.
-        method: how the groups were found (matrix, clustering, ``K``, bounds, ...).
-        source: what they were found from (checkpoint, data fingerprint, epoch, ...).
-        matrix: the ``(C, C)`` matrix that was clustered, or ``None``.
-
-    Raises:
-        ValueError: on any inconsistency (see :meth:`validate`).
-    """
-
-    num_classes: int
-    class_names: list[str]
-    groups: list[list[int]]
-    method: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)
-    matrix: list[list[float]] | None = None
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self, where: str = "groups") -> None:
-        """Check the file's consistency; every message names the field and what was given.
-
-        Raises:
-            ValueError: ``num_classes`` < 2; ``class_names`` of another length; no group; an empty
-                group; a class repeated in a group; two identical groups; a class id outside
-                ``[0, num_classes)``; a matrix of another shape.
-        """
-        c = self.num_classes
-        if not (isinstance(c, int) and c >= 2):
-            raise ValueError(f"{where}: `num_classes` must be an integer >= 2, got {c!r}.")
-        if len(self.class_names) != c:
-            raise ValueError(f"{where}: `class_names` has {len(self.class_names)} names for num_classes={c}.")
-        if not self.groups:
-            raise ValueError(f"{where}: `groups` is empty; expected at least one group of class ids.")
-        seen: dict[tuple[int, ...], int] = {}
-        for g, members in enumerate(self.groups):
-            if len(members) == 0:
-                raise ValueError(f"{where}: group {g} is empty; every group needs at least one class.")
-            bad = [x for x in members if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < c]
-            if bad:
-                raise ValueError(f"{where}: group {g} has class ids outside the label space [0, {c}): {bad}.")
-            if len(set(members)) != len(members):
-                raise ValueError(f"{where}: group {g} repeats a class: {list(members)}.")
-            key = tuple(sorted(members))
-            if key in seen:
-                raise ValueError(f"{where}: groups {seen[key]} and {g} are duplicates: {list(key)}.")
-            seen[key] = g
-        if self.matrix is not None and np.shape(self.matrix) != (c, c):
-            raise ValueError(f"{where}: `matrix` must be ({c}, {c}), got shape {np.shape(self.matrix)}.")
-
-    def group(self, g: int) -> list[int]:
-        """Class ids of group ``g``.
-
-        Raises:
-            ValueError: ``g`` is not a group id of this file.
-        """
-        if not (isinstance(g, int) and 0 <= g < len(self.groups)):
-            raise ValueError(f"`group` must be in [0, {len(self.groups)}) for this groups file, got {g!r}.")
-        return list(self.groups[g])
-
-    def membership(self) -> Tensor:
-        """``(K, C)`` bool tensor: ``[k, c]`` when class ``c`` is in group ``k``."""
-        out = torch.zeros(len(self.groups), self.num_classes, dtype=torch.bool)
-        for k, members in enumerate(self.groups):
-            out[k, list(members)] = True
-        return out
-
-    def named_groups(self) -> list[list[str]]:
-        """Each group as class names."""
-        return [[self.class_names[c] for c in g] for g in self.groups]
-
-    def save(self, path: str | Path) -> Path:
-        """Write the file atomically (beside, then rename), so a crash never leaves half a file."""
-        self.validate()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"format_version": GROUPS_FORMAT_VERSION, **asdict(self)}, indent=1))
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, num_classes: int | None = None) -> ClassGroups:
-        """Read and validate a groups file; with ``num_classes``, also check it is for that label space.
-
-        Raises:
-            FileNotFoundError: no file at ``path`` (the message names ``groups_file``).
-            ValueError: unreadable, inconsistent, or written for another number of classes.
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"`groups_file`: no groups file at {str(path)!r}.")
-        try:
-            raw = json.loads(path.read_text())
-            raw.pop("format_version", None)
-            groups = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"`groups_file` {str(path)!r} is not a groups file: {err}") from err
-        except ValueError as err:
-            raise ValueError(f"`groups_file` {str(path)!r}: {err}") from err
-        if num_classes is not None and groups.num_classes != num_classes:
-            raise ValueError(
-                f"`groups_file` {str(path)!r} is for {groups.num_classes} classes, but the data/model has "
-                f"num_classes={num_classes}."
-            )
-        return groups
-
-
-# --------------------------------------------------------------------------------------------------
-# Gathering predictions
-
-
-class PredictionCollector(Metric):
-    """Collects ``(index, probs, target)`` of a split, across processes, one row per sample.
-
-    Under DDP a DistributedSampler pads the last shard with repeats of real samples; they carry the
-    same ``index`` (the batch contract), so :meth:`compute` keeps one row per index and the result does
-    not depend on the number of processes. Rows come back sorted by index.
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        self.add_state("probs", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-
-    def update(self, index: Tensor, probs: Tensor, target: Tensor) -> None:
-        _check_probs(probs)
-        self.index.append(index.long())
-        self.probs.append(probs.float())
-        self.target.append(target.long())
-
-    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        # After a DDP sync the list states are already concatenated tensors.
-        if isinstance(self.index, list) and not self.index:
-            raise RuntimeError("PredictionCollector: no predictions were collected.")
-        index, probs, target = dim_zero_cat(self.index), dim_zero_cat(self.probs), dim_zero_cat(self.target)
-        keep = first_per_index(index)
-        return index[keep], probs[keep], target[keep]
-
-
-def first_per_index(index: Tensor) -> Tensor:
-    """Positions of the first occurrence of each distinct ``index``, in increasing order of index.
-
-    Example:
-        >>> first_per_index(torch.tensor([5, 2, 5, 2, 7])).tolist()
-        [1, 0, 4]
-    """
-    order = torch.argsort(index, stable=True)
-    sorted_index = index[order]
-    first = torch.ones_like(sorted_index, dtype=torch.bool)
-    first[1:] = sorted_index[1:] != sorted_index[:-1]
-    return order[first]
