@@ -21,14 +21,16 @@ from kd_lightning.clustering import (
     drop_duplicate_groups,
     drop_small_groups,
 )
+from kd_lightning.contracts import Batch, EvalOutput, check_eval_output
 
 
 class ConfusionClustering(L.Callback):
     """Cluster the classes by the generalist's validation predictions and write the groups file.
 
     At every ``every_n_epochs``-th validation epoch of ``fit`` (and in every ``validate`` run, e.g.
-    ``kd validate --config generalist.yaml --ckpt_path generalist.ckpt``), the callback runs the model
-    once more on each validation batch, gathers ``(index, softmax, target)`` from every process (padding
+    ``kd validate --config generalist.yaml --ckpt_path generalist.ckpt``), the callback takes the
+    logits of each validation batch from the step's :class:`~kd_lightning.contracts.EvalOutput` (the
+    model is not run again), gathers ``(index, softmax, target)`` from every process (padding
     repeats of a DistributedSampler dropped by ``index``), builds the ``matrix`` (the paper's covariance
     of predicted probabilities, or a symmetrised confusion matrix), clusters the classes with
     :func:`~kd_lightning.clustering.cluster_classes`, drops groups smaller than ``min_specialist_size``
@@ -119,13 +121,14 @@ class ConfusionClustering(L.Callback):
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
+        outputs: EvalOutput,
+        batch: Batch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if self._collecting:
-            self._collect(pl_module, batch)
+            check_eval_output(outputs, pl_module, "ConfusionClustering")
+            self._collect(outputs, batch)
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -150,11 +153,9 @@ class ConfusionClustering(L.Callback):
         last = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
         return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def _collect(self, pl_module: L.LightningModule, batch: dict[str, Any]) -> None:
-        # The classifier's validation_step returns nothing, so its predictions are recomputed here
-        # (eval mode, inside the loop's no-grad context): one extra forward of the validation split.
-        probs = pl_module(batch["input"]).float().softmax(-1)
-        self.collector.update(batch["index"], probs, batch["target"])
+    def _collect(self, outputs: EvalOutput, batch: Batch) -> None:
+        probs = outputs["logits"].float().softmax(-1)
+        self.collector.update(batch["index"], probs, outputs["target"])
 
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _, probs, target = self.collector.compute()  # collective: every rank calls it

@@ -1,19 +1,15 @@
 """DistillationDashboard: what a person looks at to judge a teacher, a student and how they relate.
 
-Per validation epoch (sanity checks excluded) the callback logs, under stable keys (``<prefix>`` is
-``dashboard`` by default):
+The module's own metrics (``val/loss``, ``val/acc``, and for a student ``val/kd_loss``,
+``val/teacher_acc``, ``val/agreement``; ``train/temperature``) are the single source of those numbers.
+The dashboard adds, per validation epoch (sanity checks excluded), what only it computes, under stable
+keys (``<prefix>`` is ``dashboard`` by default):
 
 =========================================  ==========================================================
-``<prefix>/loss_hard``                     cross-entropy with the labels (the objective's hard term)
-``<prefix>/loss_soft``                     the objective's soft term (students only; each component the
-                                           objective returns is logged as ``loss_<name>``)
-``<prefix>/loss_total``                    the objective's total (a classifier: its cross-entropy)
-``<prefix>/temperature``                   the objective's temperature (students)
-``<prefix>/student_acc``                   top-1 accuracy of the module
-``<prefix>/teacher_acc``                   top-1 accuracy of the teacher (students)
-``<prefix>/agreement``                     share of samples where their top-1 classes agree (students)
-``<prefix>/kl_teacher_student``            mean KL(teacher || student) at T = 1, nats (students)
-``<prefix>/student_ece``, ``teacher_ece``  expected calibration error (L1, ``n_bins`` bins)
+``<prefix>/kl_teacher_student``            mean KL(teacher || student) at T = 1, nats (students), by
+                                           :func:`kd_lightning.losses.soft_target_loss`
+``<prefix>/student_ece``, ``teacher_ece``  expected calibration error (top-label, L1, ``n_bins`` bins;
+                                           :mod:`kd_lightning.calibration`)
 ``<prefix>/student_class_acc/<c>_<name>``  accuracy per class (and ``teacher_class_acc/...``)
 =========================================  ==========================================================
 
@@ -27,10 +23,9 @@ on every rank (``compute()`` is collective), so all ranks log the same numbers; 
 A DistributedSampler pads the validation split with a few repeated samples, as for the module's own
 metrics.
 
-Logits come from the module's ``validation_step`` output (``{"logits", "teacher_logits"}``, as the
-modules of :mod:`kd_lightning.modules` return); a module whose step returns nothing is run once more
-on the batch, and the teacher's logits are then taken from ``batch["teacher_logits"]`` or its
-``teacher`` attribute.
+Logits come from the module's ``validation_step`` output, the
+:class:`~kd_lightning.contracts.EvalOutput` every module of the package returns (``logits``,
+``target`` and, for a student, ``teacher_logits``); the model is never run a second time.
 """
 
 from __future__ import annotations
@@ -44,50 +39,21 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from typing_extensions import override
 
-from kd_lightning.plots import (
-    ReliabilityBins,
-    plot_confusion_matrix,
-    plot_per_class_accuracy,
-    plot_reliability,
-)
+from kd_lightning.calibration import ConfidenceBins, calibration_error
+from kd_lightning.contracts import Batch, EvalOutput, check_eval_output
+from kd_lightning.losses import soft_target_loss
+from kd_lightning.plots import plot_confusion_matrix, plot_per_class_accuracy, plot_reliability
 
 PICTURES = ("reliability", "per_class_accuracy", "confusion_matrix")
 
 
-class ConfidenceBins(Metric):
-    """Per confidence bin: samples, sum of top-1 confidences and of correct predictions (summed over ranks)."""
-
-    full_state_update = False
-
-    def __init__(self, n_bins: int) -> None:
-        super().__init__()
-        self.n_bins = n_bins
-        for name in ("counts", "confidence_sums", "correct_sums"):
-            self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, probs: Tensor, target: Tensor) -> None:
-        confidence, predicted = probs.max(-1)
-        bins = (confidence * self.n_bins).long().clamp_(0, self.n_bins - 1)
-        self.counts += torch.bincount(bins, minlength=self.n_bins).double()
-        self.confidence_sums += torch.bincount(bins, confidence.double(), minlength=self.n_bins)
-        self.correct_sums += torch.bincount(bins, (predicted == target).double(), minlength=self.n_bins)
-
-    def compute(self) -> ReliabilityBins:
-        return ReliabilityBins.from_sums(self.counts, self.confidence_sums, self.correct_sums)
-
-
 def _model_metrics(num_classes: int, n_bins: int, confusion: bool) -> nn.ModuleDict:
     metrics: dict[str, nn.Module] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),  # top-1 (macro is the default)
         "class_acc": MulticlassAccuracy(num_classes, average=None),
-        "ece": MulticlassCalibrationError(num_classes, n_bins=n_bins, norm="l1"),
+        "ece": calibration_error(num_classes, n_bins),
         "bins": ConfidenceBins(n_bins),
     }
     if confusion:
@@ -96,11 +62,12 @@ def _model_metrics(num_classes: int, n_bins: int, confusion: bool) -> nn.ModuleD
 
 
 class DistillationDashboard(Callback):
-    """Log the distillation dashboard (losses, agreement, KL, calibration, per-class accuracy, confusion)
-    once per validation epoch, and draw its pictures as PNGs (and W&B images).
+    """Log the distillation dashboard (KL, calibration, per-class accuracy, confusion) once per
+    validation epoch, and draw its pictures as PNGs (and W&B images).
 
-    Works for a :class:`~kd_lightning.modules.DistillationModule` (student and teacher) and for any
-    classifier (student-only keys).
+    Works for every module of the package, from the :class:`~kd_lightning.contracts.EvalOutput` its
+    ``validation_step`` returns: a :class:`~kd_lightning.modules.DistillationModule` (student and
+    teacher) or any classifier (student-only keys).
 
     Args:
         n_bins: confidence bins of the ECE and the reliability diagram.
@@ -140,7 +107,6 @@ class DistillationDashboard(Callback):
         self._num_classes = 0
         self._active = False
         self._names: list[str] = []
-        self._temperature: float | None = None
 
     # -----------------------------------------------------------------------------------------
     # Hooks
@@ -149,21 +115,21 @@ class DistillationDashboard(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._active = not trainer.sanity_checking
         if self._active:
-            self._reset(pl_module)
+            self._reset()
 
     @override
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
+        outputs: EvalOutput,
+        batch: Batch,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if self._active:
-            student, teacher = self._logits(pl_module, outputs, batch)
-            self._update(pl_module, student, teacher, batch["target"])
+            check_eval_output(outputs, pl_module, "DistillationDashboard")
+            self._update(outputs["logits"], outputs.get("teacher_logits"), outputs["target"])
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -182,64 +148,37 @@ class DistillationDashboard(Callback):
     # -----------------------------------------------------------------------------------------
     # Helpers
 
-    def _reset(self, pl_module: L.LightningModule) -> None:
-        num_classes = int(getattr(pl_module, "num_outputs", None) or pl_module.num_classes)
+    def _metrics_for(self, num_classes: int, device: torch.device) -> nn.ModuleDict:
+        """The metric states, made at the first batch of the run (the width of its logits: a
+        specialist has one output more than the data has classes) and reset every epoch."""
         if self._metrics is None or num_classes != self._num_classes:
             self._num_classes = num_classes
             self._metrics = nn.ModuleDict(
                 {
                     "student": _model_metrics(num_classes, self.n_bins, confusion=True),
                     "teacher": _model_metrics(num_classes, self.n_bins, confusion=False),
-                    "agreement": MeanMetric(),
                     "kl_teacher_student": MeanMetric(),
-                    "losses": nn.ModuleDict(),
                 }
-            )
-        self._metrics.to(pl_module.device)
-        self._temperature = None
+            ).to(device)
+        return self._metrics
+
+    def _reset(self) -> None:
+        if self._metrics is None:
+            return
         for metric in self._metrics.modules():
             if isinstance(metric, Metric):
                 metric.reset()
 
-    def _logits(
-        self, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any]
-    ) -> tuple[Tensor, Tensor | None]:
-        if isinstance(outputs, dict) and "logits" in outputs:
-            return outputs["logits"], outputs.get("teacher_logits")
-        # A module whose step returns nothing: one more forward (eval mode, the loop's no-grad context).
-        student = pl_module(batch["input"])
-        teacher = batch.get("teacher_logits")
-        if teacher is None and isinstance(getattr(pl_module, "teacher", None), nn.Module):
-            teacher = pl_module.teacher(batch["input"])
-        return student, teacher
-
-    def _update(
-        self, pl_module: L.LightningModule, student: Tensor, teacher: Tensor | None, target: Tensor
-    ) -> None:
-        assert self._metrics is not None
-        m = self._metrics
+    def _update(self, student: Tensor, teacher: Tensor | None, target: Tensor) -> None:
+        m = self._metrics_for(student.shape[-1], student.device)
         # fp32 whatever the Trainer's precision: softmax and KL in bf16 lose the small probabilities.
-        student = student.detach().float()
-        s_probs = student.softmax(-1)
-        self._update_model(m["student"], s_probs, target)
-        losses = {"hard": nn.functional.cross_entropy(student, target)}
-        objective = getattr(pl_module, "objective", None)
+        student = student.float()
+        self._update_model(m["student"], student.softmax(-1), target)
         if teacher is not None:
-            teacher = teacher.detach().float()
-            t_probs = teacher.softmax(-1)
-            self._update_model(m["teacher"], t_probs, target)
-            m["agreement"].update((s_probs.argmax(-1) == t_probs.argmax(-1)).float())
-            kl = (t_probs * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
-            m["kl_teacher_student"].update(kl)
-            if callable(objective):
-                parts = objective(student, teacher, target, epoch=pl_module.current_epoch)
-                self._temperature = getattr(objective, "temperature", None)
-                losses.update({("total" if k == "loss" else k): v for k, v in parts.items()})
-        losses.setdefault("total", losses["hard"])
-        for name, value in losses.items():
-            if name not in m["losses"]:
-                m["losses"][name] = MeanMetric().to(student.device)
-            m["losses"][name].update(value.detach().float(), weight=target.shape[0])
+            teacher = teacher.float()
+            self._update_model(m["teacher"], teacher.softmax(-1), target)
+            kl = soft_target_loss(student, teacher, temperature=1.0, kind="kl")  # the batch's mean
+            m["kl_teacher_student"].update(kl, weight=target.shape[0])
 
     @staticmethod
     def _update_model(metrics: nn.ModuleDict, probs: Tensor, target: Tensor) -> None:
@@ -248,17 +187,15 @@ class DistillationDashboard(Callback):
 
     def _compute(self) -> tuple[dict[str, float], dict[str, Any]]:
         """Every metric's value (collective: every rank calls it), the scalars and what the pictures need."""
-        assert self._metrics is not None
-        m = self._metrics
         values: dict[str, float] = {}
         drawings: dict[str, Any] = {"bins": {}, "ece": {}, "class_acc": {}}
-        for name, metric in m["losses"].items():
-            values[f"loss_{name}"] = float(metric.compute())
+        m = self._metrics
+        if m is None:  # no validation batch
+            return values, drawings
         for side in ("student", "teacher"):
             metrics = m[side]
-            if not metrics["acc"].update_called:
+            if not metrics["class_acc"].update_called:
                 continue
-            values[f"{side}_acc"] = float(metrics["acc"].compute())
             values[f"{side}_ece"] = float(metrics["ece"].compute())
             class_acc = metrics["class_acc"].compute().cpu()
             drawings["class_acc"][side] = class_acc
@@ -268,14 +205,9 @@ class DistillationDashboard(Callback):
                 drawings["confusion"] = metrics["confusion"].compute().cpu()
             for c, acc in enumerate(class_acc.tolist()):
                 values[f"{side}_class_acc/{self._class_key(c)}"] = acc
-        for name in ("agreement", "kl_teacher_student"):
-            if m[name].update_called:
-                values[name] = float(m[name].compute())
-        if self._temperature is not None:
-            values["temperature"] = float(self._temperature)
-        for metric in m.modules():
-            if isinstance(metric, Metric):
-                metric.reset()
+        if m["kl_teacher_student"].update_called:
+            values["kl_teacher_student"] = float(m["kl_teacher_student"].compute())
+        self._reset()
         return values, drawings
 
     def _class_key(self, c: int) -> str:
@@ -307,8 +239,8 @@ class DistillationDashboard(Callback):
             self.pictures["reliability"] = plot_reliability(
                 drawings["bins"],
                 out / f"reliability{suffix}.png",
-                title=f"reliability, validation, {epoch}",
                 ece=drawings["ece"],
+                title=f"reliability, validation, {epoch}",
                 loggers=loggers,
                 key=f"{self.prefix}/reliability",
                 step=step,

@@ -53,3 +53,34 @@ class EvalOutput(TypedDict):
     logits: Tensor
     target: Tensor
     teacher_logits: NotRequired[Tensor]
+
+
+def check_eval_output(outputs: object, module: object, reader: str) -> None:
+    """Stop with a clear error when a ``validation_step`` did not return an :class:`EvalOutput`.
+
+    Args:
+        outputs: what the step returned (``outputs`` of ``on_validation_batch_end``).
+        module: the LightningModule whose step it was (named in the message).
+        reader: the callback that needs it (named in the message).
+
+    Raises:
+        TypeError: ``outputs`` is not a dict with tensors ``logits`` and ``target``.
+
+    Example:
+        >>> import torch
+        >>> check_eval_output({"logits": torch.zeros(2, 3), "target": torch.zeros(2)}, object(), "me")
+        >>> check_eval_output(None, object(), "ConfusionClustering")
+        Traceback (most recent call last):
+        ...
+        TypeError: ConfusionClustering reads the EvalOutput that `object.validation_step` returns (a dict with tensors 'logits' and 'target', see kd_lightning.contracts.EvalOutput); got NoneType.
+    """
+    if not (
+        isinstance(outputs, dict)
+        and isinstance(outputs.get("logits"), Tensor)
+        and isinstance(outputs.get("target"), Tensor)
+    ):
+        raise TypeError(
+            f"{reader} reads the EvalOutput that `{type(module).__name__}.validation_step` returns (a dict "
+            "with tensors 'logits' and 'target', see kd_lightning.contracts.EvalOutput); "
+            f"got {type(outputs).__name__}."
+        )

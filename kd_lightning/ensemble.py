@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
-from torchmetrics.functional.classification import multiclass_calibration_error
+from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.calibration import ECE_BINS, calibration_error, expected_calibration_error
+from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.costs import forward_flops
+from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.modules import ClassifierBase, load_teacher, teacher_num_classes
 
 Rule = Literal["mean_probs", "mean_logits", "geometric"]
@@ -87,21 +89,14 @@ def combine_logits(logits: Tensor, rule: str = "mean_probs") -> Tensor:
     return RULES[rule](logits.float())
 
 
-def expected_calibration_error(log_probs: Tensor, target: Tensor, n_bins: int = 15) -> float:
-    """Top-label ECE (L1, equal-width confidence bins) of predicted log-probabilities, by torchmetrics."""
-    ece = multiclass_calibration_error(
-        log_probs.exp(), target, num_classes=log_probs.shape[-1], n_bins=n_bins, norm="l1"
-    )
-    return float(ece)
-
-
-def classification_metrics(log_probs: Tensor, target: Tensor, n_bins: int = 15) -> dict[str, float]:
-    """Accuracy, mean negative log-likelihood and ECE of predicted log-probabilities ``(N, C)``."""
+def classification_metrics(log_probs: Tensor, target: Tensor, n_bins: int = ECE_BINS) -> dict[str, float]:
+    """Accuracy, mean negative log-likelihood and ECE (:mod:`kd_lightning.calibration`) of predicted
+    log-probabilities ``(N, C)``."""
     log_probs = log_probs.float()
     return {
         "acc": float((log_probs.argmax(-1) == target).float().mean()),
         "nll": float(F.nll_loss(log_probs, target)),
-        "ece": expected_calibration_error(log_probs, target, n_bins),
+        "ece": expected_calibration_error(log_probs.exp(), target, n_bins),
     }
 
 
@@ -189,12 +184,18 @@ def _common_num_classes(members: Sequence[nn.Module], input_shape: tuple[int, ..
     return classes[0]
 
 
-class EnsembleModule(ClassifierBase):
+class EnsembleModule(FrozenNetworks, ClassifierBase):
     """Evaluate an ensemble with ``kd test`` / ``kd validate``: accuracy, NLL, calibration and cost.
 
     Logs ``{val,test}/acc`` (top-1), ``/loss`` (NLL of the combined distribution), ``/ece`` (top-label,
-    15 bins), ``/member_acc_<i>`` and ``/member_acc_mean``, and ``/flops_per_example`` (all members,
-    by PyTorch's FLOP counter).
+    15 bins, :mod:`kd_lightning.calibration`), ``/member_acc_<i>`` and ``/member_acc_mean``, and
+    ``/flops_per_example`` (all members, by PyTorch's FLOP counter). Its steps return the
+    :class:`~kd_lightning.contracts.EvalOutput` of every module, with the ensemble's log-probabilities
+    as ``logits``.
+
+    It only evaluates, so the ensemble is held frozen (:class:`~kd_lightning.frozen.FrozenNetworks`):
+    eval mode, no gradients, and its members' weights are left out of the module's checkpoints (they
+    are reloaded from ``checkpoints``, like a student's teacher).
 
     Args:
         num_classes: linked from the DataModule; must match the members'.
@@ -215,7 +216,7 @@ class EnsembleModule(ClassifierBase):
     ) -> None:
         super().__init__(num_classes, input_shape, optimizer=None, lr_schedule=None, agreement=False)
         self.save_hyperparameters()
-        self.net = Ensemble(checkpoints=checkpoints, rule=rule, input_shape=self.input_shape)
+        self.freeze("net", Ensemble(checkpoints=checkpoints, rule=rule, input_shape=self.input_shape))
         if self.net.num_classes != num_classes:
             raise ValueError(
                 f"the ensemble's members output {self.net.num_classes} classes but `num_classes` (from the "
@@ -226,7 +227,7 @@ class EnsembleModule(ClassifierBase):
             {
                 f"{stage}_": nn.ModuleDict(
                     {
-                        "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
+                        "ece": calibration_error(num_classes, ECE_BINS),
                         **{
                             f"member_acc_{i}": MulticlassAccuracy(num_classes, average="micro")
                             for i in range(len(checkpoints))
@@ -238,10 +239,10 @@ class EnsembleModule(ClassifierBase):
             }
         )
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         raise RuntimeError("EnsembleModule only evaluates: train its members (scripts/train_members.py).")
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+    def _eval_step(self, stage: str, batch: Batch) -> EvalOutput:
         member_logits = self.net.member_logits(batch["input"])
         log_probs = combine_logits(member_logits, self.net.rule)
         target = batch["target"]
@@ -252,6 +253,7 @@ class EnsembleModule(ClassifierBase):
             metrics[f"member_acc_{i}"].update(logits, target)
         member_correct = (member_logits.argmax(-1) == target).float().mean(0)
         metrics["member_acc_mean"].update(member_correct)
+        return EvalOutput(logits=log_probs.detach(), target=target)
 
     def _log_epoch(self, stage: str) -> None:
         super()._log_epoch(stage)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.objectives import HintonKD, Objective
 from kd_lightning.optim import Schedule
@@ -77,22 +78,23 @@ class ClassifierBase(L.LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.net.parameters()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def validation_step(self, batch: Batch, batch_idx: int) -> EvalOutput:
         return self._eval_step("val", batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def test_step(self, batch: Batch, batch_idx: int) -> EvalOutput:
         return self._eval_step("test", batch)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         return {"index": batch["index"], "logits": self(batch["input"]).float()}
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Accumulate the step's metrics; return ``{"logits"}`` (and ``"teacher_logits"`` for a student),
-        detached, for callbacks such as the dashboard (``outputs`` of ``on_validation_batch_end``)."""
+    def _eval_step(self, stage: str, batch: Batch) -> EvalOutput:
+        """Accumulate the step's metrics and return its :class:`~kd_lightning.contracts.EvalOutput`
+        (detached), which callbacks such as the dashboard and the clustering read (``outputs`` of
+        ``on_validation_batch_end``) instead of running the model again."""
         logits = self(batch["input"])
         loss = nn.functional.cross_entropy(logits.float(), batch["target"])
         self._log_step(stage, {"loss": loss}, logits, batch["target"])
-        return {"logits": logits.detach()}
+        return EvalOutput(logits=logits.detach(), target=batch["target"])
 
     def _log_step(
         self,
@@ -127,7 +129,7 @@ class ClassifierBase(L.LightningModule):
                 self.log(f"{stage}/{name}", metric.compute(), prog_bar=stage != "train" and name == "acc")
             metric.reset()
 
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # A reference, not a copy: read only if this batch's loss is not finite.
         self._batch_index, self._batch_idx = batch["index"], batch_idx
 
@@ -200,7 +202,7 @@ class ClassifierModule(ClassifierBase):
         self.net = net(self.input_shape, num_classes)
         self.label_smoothing = label_smoothing
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits = self(batch["input"])
         loss = nn.functional.cross_entropy(
             logits.float(), batch["target"], label_smoothing=self.label_smoothing
@@ -218,8 +220,10 @@ class DistillationModule(FrozenNetworks, ClassifierBase):
     from ``teacher_ckpt`` instead).
 
     Logs, besides the classifier's keys, each component of the objective (``train/hard``,
-    ``train/soft``, ...), ``train/temperature``, and on validation/test ``teacher_acc`` and the
-    teacher–student top-1 ``agreement``.
+    ``train/soft``, ...), ``train/temperature``, and on validation/test the objective's total
+    (``kd_loss``) and components (``kd_hard``, ``kd_soft``, ...), ``teacher_acc`` and the
+    teacher–student top-1 ``agreement``: the single source of these numbers (the dashboard does not
+    recompute them).
 
     Args:
         student: network factory for the student.
@@ -278,7 +282,7 @@ class DistillationModule(FrozenNetworks, ClassifierBase):
             )
         self.freeze("teacher", teacher)
 
-    def teacher_logits(self, batch: dict[str, Any]) -> Tensor:
+    def teacher_logits(self, batch: Batch) -> Tensor:
         """The teacher's logits for ``batch``: ``batch["teacher_logits"]`` when something upstream (the
         soft-target cache) put them there, else a forward pass of the teacher."""
         if "teacher_logits" in batch:
@@ -292,7 +296,7 @@ class DistillationModule(FrozenNetworks, ClassifierBase):
         with torch.no_grad():
             return self.teacher(batch["input"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         logits = self(batch["input"])
         teacher_logits = self.teacher_logits(batch)
         losses = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)
@@ -304,19 +308,19 @@ class DistillationModule(FrozenNetworks, ClassifierBase):
         if self.objective.temperature is not None:
             self.log("train/temperature", float(self.objective.temperature))
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def _eval_step(self, stage: str, batch: Batch) -> EvalOutput:
         logits = self(batch["input"])
-        losses = {"loss": nn.functional.cross_entropy(logits.float(), batch["target"])}
+        target = batch["target"]
+        losses = {"loss": nn.functional.cross_entropy(logits.float(), target)}
+        out = EvalOutput(logits=logits.detach(), target=target)
         teacher_logits = None
         if self.teacher is not None or "teacher_logits" in batch:
             teacher_logits = self.teacher_logits(batch)
-            losses["kd_loss"] = self.objective(
-                logits, teacher_logits, batch["target"], epoch=self.current_epoch
-            )["loss"]
-        self._log_step(stage, losses, logits, batch["target"], teacher_logits)
-        out = {"logits": logits.detach()}
-        if teacher_logits is not None:
+            parts = self.objective(logits, teacher_logits, target, epoch=self.current_epoch)
+            # The objective's total as `kd_loss`, each other component as `kd_<name>`.
+            losses.update({f"kd_{name}": value for name, value in parts.items()})
             out["teacher_logits"] = teacher_logits.detach()
+        self._log_step(stage, losses, logits, target, teacher_logits)
         return out
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
+
+from kd_lightning.calibration import ReliabilityBins
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -174,47 +175,11 @@ def plot_class_groups(
     return save_figure(fig, path)
 
 
-@dataclass
-class ReliabilityBins:
-    """A model's predictions binned by confidence (top-1 probability), for a reliability diagram.
-
-    Args:
-        counts: ``(B,)`` samples per bin (equal-width bins over ``[0, 1]``).
-        confidence: ``(B,)`` mean confidence in each bin (``nan`` where empty).
-        accuracy: ``(B,)`` share of correct top-1 predictions in each bin (``nan`` where empty).
-    """
-
-    counts: np.ndarray
-    confidence: np.ndarray
-    accuracy: np.ndarray
-
-    @classmethod
-    def from_sums(
-        cls,
-        counts: Tensor | np.ndarray,
-        confidence_sums: Tensor | np.ndarray,
-        correct_sums: Tensor | np.ndarray,
-    ) -> ReliabilityBins:
-        """From per-bin counts and sums of confidences and of correct predictions (what DDP can sum)."""
-        n, conf, correct = _numpy(counts), _numpy(confidence_sums), _numpy(correct_sums)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return cls(n, np.where(n > 0, conf / n, np.nan), np.where(n > 0, correct / n, np.nan))
-
-    @property
-    def ece(self) -> float:
-        """Expected calibration error (L1) of these bins: ``sum_b n_b / N * |acc_b - conf_b|``."""
-        total = self.counts.sum()
-        if total == 0:
-            return float("nan")
-        gaps = np.nan_to_num(np.abs(self.accuracy - self.confidence))
-        return float((self.counts / total * gaps).sum())
-
-
 def plot_reliability(
     bins: Mapping[str, ReliabilityBins],
     path: str | Path,
+    ece: Mapping[str, float],
     title: str = "",
-    ece: Mapping[str, float] | None = None,
     loggers: Sequence[Any] = (),
     key: str | None = None,
     step: int | None = None,
@@ -226,20 +191,25 @@ def plot_reliability(
     perfect calibration. Below, the share of samples in each bin.
 
     Args:
-        bins: model name -> its bins.
+        bins: model name -> its bins (:class:`~kd_lightning.calibration.ConfidenceBins`).
         path: the PNG to write.
+        ece: model name -> ECE shown in its panel (from
+            :func:`~kd_lightning.calibration.expected_calibration_error` or its metric: the diagram
+            does not compute one of its own).
         title: figure title.
-        ece: model name -> ECE shown in its panel (default: computed from its bins).
         loggers, key, step: see :func:`save_figure`.
 
     Returns:
         ``path``.
 
     Raises:
-        ValueError: ``bins`` is empty.
+        ValueError: ``bins`` is empty, or ``ece`` lacks one of its models.
     """
     if not bins:
         raise ValueError("`bins` must name at least one model.")
+    missing = [name for name in bins if name not in ece]
+    if missing:
+        raise ValueError(f"`ece` has no value for {missing}; it has {sorted(ece)}.")
     plt = pyplot()
     k = len(bins)
     fig, axes = plt.subplots(
@@ -275,8 +245,7 @@ def plot_reliability(
             label="gap to mean confidence",
         )
         top.plot([0, 1], [0, 1], "k--", lw=1, label="perfectly calibrated")
-        value = (ece or {}).get(name, b.ece)
-        top.set_title(f"{name}: ECE {100 * value:.2f}%")
+        top.set_title(f"{name}: ECE {100 * ece[name]:.2f}%")
         top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
         top.legend(loc="upper left", fontsize=8)

@@ -335,6 +335,41 @@ def test_overlap_that_makes_equal_groups_keeps_one(tmp_path, six_classes):
     assert len(groups.source["partition"]) == 2
 
 
+class CountBatches(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        self.batches += 1
+
+
+def test_the_model_runs_once_per_validation_batch(tmp_path, six_classes):
+    """The callback reads the logits of the step's EvalOutput: no second forward pass."""
+    model, data = six_classes
+    forwards = []
+    model.net.register_forward_hook(lambda *_: forwards.append(1))
+    callback = ConfusionClustering(2, str(tmp_path / "groups.json"), min_specialist_size=1, plot=False)
+    batches = CountBatches()
+    quiet_trainer(tmp_path, callbacks=[callback, batches]).validate(model, data, verbose=False)
+    assert batches.batches >= 1 and len(forwards) == batches.batches
+    assert callback.groups is not None
+
+
+def test_a_step_without_eval_output_is_a_clear_error(tmp_path, six_classes):
+    class Silent(ClassifierModule):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+
+    _, data = six_classes
+    callback = ConfusionClustering(2, str(tmp_path / "groups.json"), plot=False)
+    with pytest.raises(
+        TypeError, match="ConfusionClustering reads the EvalOutput that `Silent.validation_step`"
+    ):
+        quiet_trainer(tmp_path, callbacks=[callback]).validate(
+            Silent(partial(MLP, hidden=(8,)), 6, (8,)), data
+        )
+
+
 def test_bad_callback_arguments():
     with pytest.raises(ValueError, match=r"`matrix` must be one of \['confusion', 'covariance'\], got 'cov'"):
         ConfusionClustering(3, "g.json", matrix="cov")

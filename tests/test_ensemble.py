@@ -265,3 +265,31 @@ def test_each_student_seed_of_distill_ensemble_gets_its_own_checkpoint(tmp_path,
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
     assert Path(checkpoint.dirpath) == tmp_path / "out/seed7/checkpoints"
     assert any(isinstance(c, SoftTargetCache) for c in cli.trainer.callbacks)
+
+
+def test_ensemble_module_returns_the_eval_output_and_holds_its_members_frozen(
+    tmp_path, tiny_dm, trainer_factory
+):
+    ckpts = [str(_tiny_member(tmp_path, tiny_dm, trainer_factory, s)) for s in (0, 1)]
+    ens = EnsembleModule(4, (1, 8, 8), checkpoints=ckpts).train()
+    assert not any(m.training for m in ens.net.modules()) and not any(
+        p.requires_grad for p in ens.parameters()
+    )
+    dm = tiny_dm()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    out = ens.validation_step(batch, 0)
+    assert set(out) == {"logits", "target"} and torch.equal(out["target"], batch["target"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            out["logits"], ens.net(batch["input"]), rtol=0, atol=0
+        )  # log-probabilities
+    # The members' weights stay in their own files, not in the ensemble's checkpoint; it reloads from them.
+    trainer = trainer_factory()
+    trainer.test(ens, datamodule=dm, verbose=False)
+    trainer.save_checkpoint(tmp_path / "ensemble.ckpt")
+    state = torch.load(tmp_path / "ensemble.ckpt", weights_only=False)["state_dict"]
+    assert not any(k.startswith("net.") for k in state), sorted(state)
+    again = EnsembleModule.load_from_checkpoint(tmp_path / "ensemble.ckpt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again.net(batch["input"]), ens.net(batch["input"]), rtol=0, atol=0)

@@ -173,3 +173,30 @@ def test_classifier_learns(tiny_dm, trainer_factory):
     assert trainer.callback_metrics["val/acc"] > 0.6  # chance is 0.25
     out = trainer.predict(module, tiny_dm())
     assert set(out[0]) == {"index", "logits"} and out[0]["logits"].shape[1] == 4
+
+
+def test_evaluation_steps_return_the_eval_output(tiny_dm):
+    """Every step returns what the callbacks read (kd_lightning.contracts.EvalOutput), detached."""
+    torch.manual_seed(0)
+    dm = tiny_dm()
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    classifier = ClassifierModule(STUDENT_NET, 4, SHAPE).eval()
+    teacher = TEACHER_NET(SHAPE, 4)
+    student = DistillationModule(STUDENT_NET, 4, SHAPE, teacher=teacher).eval()
+    with torch.no_grad():
+        expected = {"logits": student(batch["input"]), "teacher_logits": teacher.eval()(batch["input"])}
+    for module in (classifier, student):
+        for step in (module.validation_step, module.test_step):
+            out = step(batch, 0)
+            assert set(out) == (
+                {"logits", "target"} if module is classifier else {"logits", "target", "teacher_logits"}
+            )
+            assert out["logits"].shape == (batch["target"].shape[0], 4) and not out["logits"].requires_grad
+            assert torch.equal(out["target"], batch["target"])
+    out = student.validation_step(batch, 0)
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, rtol=0, atol=0)
+    # A teacher's outputs served with the batch are returned as given.
+    served = student.validation_step({**batch, "teacher_logits": torch.ones(batch["target"].shape[0], 4)}, 0)
+    assert torch.equal(served["teacher_logits"], torch.ones(batch["target"].shape[0], 4))
