@@ -115,7 +115,7 @@ class DistillationDashboard(Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._active = not trainer.sanity_checking
         if self._active:
-            self._reset()
+            self._reset(pl_module.device)
 
     @override
     def on_validation_batch_end(
@@ -162,9 +162,11 @@ class DistillationDashboard(Callback):
             ).to(device)
         return self._metrics
 
-    def _reset(self) -> None:
+    def _reset(self, device: torch.device | None = None) -> None:
         if self._metrics is None:
             return
+        if device is not None:
+            self._metrics.to(device)
         for metric in self._metrics.modules():
             if isinstance(metric, Metric):
                 metric.reset()
