@@ -360,6 +360,10 @@ def test_specialist_training_sets_the_dustbin_correction(trained):
     # The checkpoint alone is enough: no groups file, no generalist.
     trained["groups"].unlink()
     assert load_specialist(trained["checkpoints"][1]).group_classes == [2, 3]
+    # A checkpoint from before the data owned the relabelling (the model's `label_map` buffer) still loads.
+    checkpoint["state_dict"]["label_map"] = torch.tensor([0, 0, 0, 1, 2, 2])
+    torch.save(checkpoint, trained["dir"] / "old.ckpt")
+    assert load_specialist(trained["dir"] / "old.ckpt").group_classes == [2, 3]
 
 
 def test_correction_equals_the_samplers_log_oversampling_factor(tmp_path):
