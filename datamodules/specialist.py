@@ -1,10 +1,14 @@
-"""Data for one specialist: batches that over-represent its group, and its dustbin labels.
+"""Data for one specialist: its group, batches that over-represent it, and its dustbin labels.
 
 :class:`GroupOversampler` draws a fixed share of every training epoch from the group's classes (half,
 in Hinton et al. 2015) and the rest from all other classes; :class:`SpecialistDataModule` uses it for
 training and adds ``batch["specialist_target"]`` to every batch the Trainer runs: the position of the
 target in the group, or ``len(group)`` (the dustbin) for any other class. ``target`` and ``index`` keep
 their meaning (full label space, stable sample position), so soft targets keyed by ``index`` still fit.
+
+The DataModule owns the group's classes (from a groups file and group, or given): it is the one place
+that relabels, and ``kd`` links ``group_classes``, ``group`` and ``groups_file`` into the
+:class:`~kd_lightning.specialists.SpecialistModule`, as it links ``num_classes``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from kd_lightning.datamodules.base import ClassificationSource, IndexedDataModule
 from kd_lightning.datamodules.transforms import Transform
-from kd_lightning.specialists import GroupSampling, relabel_map
+from kd_lightning.specialists.sampling import GroupSampling, relabel_map, resolve_group
 
 
 class GroupOversampler(Sampler[int]):
@@ -115,10 +119,11 @@ class SpecialistDataModule(IndexedDataModule):
     specialist's dustbin correction is meant for them). Every batch the Trainer runs gets
     ``batch["specialist_target"]`` (added in ``on_before_batch_transfer``).
 
-    The group is ``classes`` when given; otherwise the model being trained says it (its
-    ``group_classes``, as :class:`~kd_lightning.specialists.SpecialistModule` has), so a config names
-    the groups file and group once, on the model. :attr:`group_sampling` tells the model the group's
-    share of the data and of the batches, from which it computes the dustbin correction.
+    The group is group ``group`` of ``groups_file``, or ``classes`` given directly (one of the two),
+    resolved and checked on construction (:attr:`group_classes`); ``kd`` links it into the model, so a
+    config names the groups file and group once, on the data. :attr:`group_sampling` tells the model the
+    group's share of the data and of the batches, from which it computes the dustbin correction. Both
+    make up :class:`~kd_lightning.specialists.sampling.SpecialistData`, what the model reads.
 
     Args:
         source: the dataset.
@@ -131,9 +136,17 @@ class SpecialistDataModule(IndexedDataModule):
         train_transform: training augmentation.
         train_fraction: keep only this fraction of the training split.
         oversample: the group's share of each training epoch (paper: 0.5); ``None`` samples naturally.
-        classes: the group's classes; ``None`` takes them from the model at ``setup``.
+        groups_file: a groups file (docs/architecture.md) for the source's classes.
+        group: which group of ``groups_file``.
+        classes: the group's classes given directly, instead of ``groups_file``.
         epoch_size: training samples per epoch (default: the training split's size).
         sampler_seed: seed of the oversampler; ``None`` follows ``seed_everything`` (``torch.initial_seed()``).
+
+    Raises:
+        ValueError: both or neither of ``groups_file`` and ``classes``; the groups file is for another
+            number of classes or is malformed; ``group`` is out of range; the group leaves no class for
+            the dustbin or has ids outside the label space; a bad ``oversample`` or ``epoch_size``.
+        FileNotFoundError: ``groups_file`` does not exist.
     """
 
     def __init__(
@@ -148,6 +161,8 @@ class SpecialistDataModule(IndexedDataModule):
         train_transform: Transform | None = None,
         train_fraction: float = 1.0,
         oversample: float | None = 0.5,
+        groups_file: str | None = None,
+        group: int = 0,
         classes: list[int] | None = None,
         epoch_size: int | None = None,
         sampler_seed: int | None = None,
@@ -168,41 +183,21 @@ class SpecialistDataModule(IndexedDataModule):
         if epoch_size is not None and not (isinstance(epoch_size, int) and epoch_size > 0):
             raise ValueError(f"`epoch_size` must be a positive integer or null, got {epoch_size!r}.")
         self.oversample = oversample
-        self.classes = None if classes is None else [int(c) for c in classes]
+        self.groups_file = groups_file
+        self.group = group
+        #: The group's classes, in the order of the specialist's labels.
+        self.group_classes: list[int] = resolve_group(self.num_classes, groups_file, group, classes)
         self.epoch_size = epoch_size
         self.sampler_seed = sampler_seed
         self._sampler: GroupOversampler | None = None
-        self._label_map: Tensor | None = None
-
-    @property
-    def group_classes(self) -> list[int]:
-        """The group's classes: ``classes``, else those of the model being trained.
-
-        Raises:
-            RuntimeError: neither is available.
-        """
-        if self.classes is not None:
-            return self.classes
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        classes = getattr(model, "group_classes", None)
-        if classes is None:
-            raise RuntimeError(
-                "SpecialistDataModule does not know its group: pass `classes`, or train it with a model "
-                "that has `group_classes` (kd_lightning.specialists.SpecialistModule)."
-            )
-        return list(classes)
+        self._label_map = relabel_map(self.group_classes, self.num_classes)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        classes = self.group_classes
-        bad = [c for c in classes if not 0 <= c < self.num_classes]
-        if bad or not classes:
-            raise ValueError(f"`classes` must be non-empty ids in [0, {self.num_classes}), got {classes}.")
-        self._label_map = relabel_map(classes, self.num_classes)
         if self.train_set is not None and self.oversample is not None:
             seed = self.sampler_seed if self.sampler_seed is not None else torch.initial_seed() % 2**31
             self._sampler = GroupOversampler(
-                self.train_set.targets, classes, self.oversample, self.epoch_size, seed
+                self.train_set.targets, self.group_classes, self.oversample, self.epoch_size, seed
             )
 
     @property
@@ -230,6 +225,6 @@ class SpecialistDataModule(IndexedDataModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self._label_map is not None and isinstance(batch, dict) and "target" in batch:
+        if isinstance(batch, dict) and "target" in batch:
             batch["specialist_target"] = self._label_map[batch["target"]]
         return batch

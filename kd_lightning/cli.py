@@ -95,6 +95,11 @@ class KDCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        # A specialist's group belongs to its data (SpecialistDataModule); for other data or models these
+        # links do nothing (the source attribute or the target argument is absent).
+        parser.link_arguments("data.group_classes", "model.init_args.classes", apply_on="instantiate")
+        parser.link_arguments("data.group", "model.init_args.group", apply_on="instantiate")
+        parser.link_arguments("data.groups_file", "model.init_args.groups_file", apply_on="instantiate")
         # Always added to the Trainer's callbacks; `--run.overwrite=true` is the flag users give.
         parser.add_lightning_class_args(RunIdentity, "run")
 

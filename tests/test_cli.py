@@ -88,8 +88,8 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
     if "generalist_ckpt:" in text:  # a specialist: no generalist to start from, its group given inline
         no_files += [
             "--model.init_args.generalist_ckpt=null",
-            "--model.init_args.groups_file=null",
-            "--model.init_args.classes=[0, 1]",
+            "--data.init_args.groups_file=null",
+            "--data.init_args.classes=[0, 1]",
         ]
     if "members/member/member_" in text:  # an ensemble: its members must exist
         (tmp_path / "runs/fashion_mnist/members").mkdir(parents=True)

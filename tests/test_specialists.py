@@ -22,6 +22,7 @@ from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistData
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, load_teacher
 from kd_lightning.specialists import (
+    SpecialistData,
     SpecialistEnsemble,
     SpecialistModule,
     active_specialists,
@@ -36,6 +37,21 @@ from kd_lightning.specialists import (
 )
 
 NET = partial(MLP, hidden=(16,))
+
+
+class EvalOutputs(L.Callback):
+    """What the validation and test steps return (the EvalOutput contract), batch by batch."""
+
+    def __init__(self) -> None:
+        self.outputs: list = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.outputs.append((outputs, batch))
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.outputs.append((outputs, batch))
+
+
 # The solver computes in float64 and returns the inputs' dtype (at least fp32): identities are checked on
 # float64 inputs, to a few roundings; fp32 outputs allow their own rounding.
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
@@ -300,17 +316,22 @@ def trained(tmp_path):
     groups_file = ClassGroups(6, source.class_names, [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
     checkpoints = []
     for g in range(2):
+        # The data owns the group; the model is given it (what `kd` links).
+        specialist_data = SpecialistDataModule(
+            source, batch_size=32, eval_batch_size=64, val_size=40, groups_file=str(groups_file), group=g
+        )
         specialist = SpecialistModule(
             NET,
             6,
             (8,),
-            groups_file=str(groups_file),
+            classes=specialist_data.group_classes,
             group=g,
+            groups_file=str(groups_file),
             generalist_ckpt=str(tmp_path / "generalist.ckpt"),
             soft_weight=0.5 if g else 0.0,
         )
         trainer = quiet_trainer(tmp_path, max_steps=4, limit_val_batches=1)
-        trainer.fit(specialist, SpecialistDataModule(source, batch_size=32, eval_batch_size=64, val_size=40))
+        trainer.fit(specialist, specialist_data)
         trainer.save_checkpoint(tmp_path / f"group{g}.ckpt")
         checkpoints.append(tmp_path / f"group{g}.ckpt")
         assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -334,9 +355,15 @@ def test_specialist_training_sets_the_dustbin_correction(trained):
         k.startswith("generalist.") for k in checkpoint["state_dict"]
     )  # soft-target teacher left out
     assert checkpoint["kd_lightning_specialist"]["classes"] == [2, 3]
+    assert checkpoint["kd_lightning_specialist"]["group"] == 1
+    assert checkpoint["kd_lightning_specialist"]["groups_file"] == str(trained["groups"])
     # The checkpoint alone is enough: no groups file, no generalist.
     trained["groups"].unlink()
     assert load_specialist(trained["checkpoints"][1]).group_classes == [2, 3]
+    # A checkpoint from before the data owned the relabelling (the model's `label_map` buffer) still loads.
+    checkpoint["state_dict"]["label_map"] = torch.tensor([0, 0, 0, 1, 2, 2])
+    torch.save(checkpoint, trained["dir"] / "old.ckpt")
+    assert load_specialist(trained["dir"] / "old.ckpt").group_classes == [2, 3]
 
 
 def test_correction_equals_the_samplers_log_oversampling_factor(tmp_path):
@@ -353,6 +380,15 @@ def test_correction_equals_the_samplers_log_oversampling_factor(tmp_path):
     batch = next(iter(data.train_dataloader()))
     batch = data.on_before_batch_transfer(batch, 0)
     assert torch.equal(batch["specialist_target"], torch.where(batch["target"] == 5, 0, 1))
+    assert isinstance(data, SpecialistData) and not isinstance(IndexedDataModule(source), SpecialistData)
+    # Validation returns the corrected logits over the group plus the dustbin, and the specialist's labels.
+    seen = EvalOutputs()
+    quiet_trainer(tmp_path, callbacks=[seen], limit_val_batches=1).validate(specialist, data, verbose=False)
+    (out, batch), *_ = seen.outputs
+    assert set(out) == {"logits", "target"} and out["logits"].shape == (len(batch["target"]), 2)
+    assert torch.equal(out["target"], batch["specialist_target"]) and not out["logits"].requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], specialist.eval()(batch["input"].clone()))
 
 
 def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
@@ -360,7 +396,20 @@ def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
     ensemble = SpecialistEnsemble(
         str(d["dir"] / "generalist.ckpt"), [str(p) for p in d["checkpoints"]], str(d["groups"])
     )
-    metrics = quiet_trainer(tmp_path).test(ensemble, d["data"], verbose=False)[0]
+    seen = EvalOutputs()
+    metrics = quiet_trainer(tmp_path, callbacks=[seen]).test(ensemble, d["data"], verbose=False)[0]
+    # Each test step returns the KL combination's log-probabilities and the full-space target.
+    for out, batch in seen.outputs:
+        assert set(out) == {"logits", "target"} and torch.equal(out["target"], batch["target"])
+        with torch.no_grad():
+            torch.testing.assert_close(out["logits"], ensemble(batch["input"].clone()))
+    # Every network is frozen: eval mode after train(), no gradients, nothing of them in a checkpoint.
+    ensemble.train()
+    assert not ensemble.generalist.training and not any(s.training for s in ensemble.specialists)
+    assert not any(p.requires_grad for p in ensemble.parameters())
+    state = {"state_dict": ensemble.state_dict()}
+    ensemble.on_save_checkpoint(state)
+    assert not any(k.startswith(("generalist.", "specialists.")) for k in state["state_dict"])
     for key in (
         "test/acc",
         "test/acc_generalist",
@@ -407,12 +456,23 @@ def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
 
 def test_specialist_bad_inputs(tmp_path):
     groups = ClassGroups(6, list("abcdef"), [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
+    ten_classes = Synthetic(
+        num_superclasses=5, classes_per_superclass=2, dim=8, train_per_class=4, test_per_class=1
+    )
+    # The data owns the group: the groups file is read, and checked, by the DataModule.
     with pytest.raises(ValueError, match="is for 6 classes, but the data/model has num_classes=10"):
-        SpecialistModule(NET, 10, (8,), groups_file=str(groups))
+        SpecialistDataModule(ten_classes, groups_file=str(groups))
     with pytest.raises(ValueError, match=r"`group` must be in \[0, 2\) for this groups file, got 2"):
-        SpecialistModule(NET, 6, (8,), groups_file=str(groups), group=2)
+        SpecialistDataModule(tiny_source(), groups_file=str(groups), group=2)
     with pytest.raises(ValueError, match="either `groups_file` .* or `classes`"):
-        SpecialistModule(NET, 6, (8,), groups_file=str(groups), classes=[0])
+        SpecialistDataModule(tiny_source(), groups_file=str(groups), classes=[0])
+    with pytest.raises(ValueError, match="either `groups_file` .* or `classes`"):
+        SpecialistDataModule(tiny_source())
+    with pytest.raises(ValueError, match="covers all 6 classes"):
+        SpecialistDataModule(tiny_source(), classes=list(range(6)))
+    assert SpecialistDataModule(tiny_source(), groups_file=str(groups), group=1).group_classes == [2, 3]
+    with pytest.raises(ValueError, match="`classes` is missing: a specialist takes its group's classes"):
+        SpecialistModule(NET, 6, (8,))
     with pytest.raises(ValueError, match=r"outside the label space \[0, 6\): \[6\]"):
         SpecialistModule(NET, 6, (8,), classes=[0, 6])
     with pytest.raises(ValueError, match="covers all 6 classes"):
@@ -427,6 +487,46 @@ def test_specialist_bad_inputs(tmp_path):
         ValueError, match=r"oversamples classes \[4\], but this specialist is for group 0 = \[0\]"
     ):
         quiet_trainer(tmp_path, max_steps=1).fit(SpecialistModule(NET, 6, (8,), classes=[0]), data)
+    # Evaluation checks the group too, and the model never relabels: its batches come from its data.
+    natural = SpecialistDataModule(tiny_source(), batch_size=16, val_size=40, classes=[4], oversample=None)
+    with pytest.raises(ValueError, match=r"relabels by classes \[4\], but this specialist is for group 0"):
+        quiet_trainer(tmp_path).validate(SpecialistModule(NET, 6, (8,), classes=[0]), natural, verbose=False)
+    plain = IndexedDataModule(tiny_source(), batch_size=16, val_size=40)
+    with pytest.raises(KeyError, match="the batch has no 'specialist_target'"):
+        quiet_trainer(tmp_path).validate(SpecialistModule(NET, 6, (8,), classes=[0]), plain, verbose=False)
+
+
+LINKED = """
+trainer: {accelerator: cpu, logger: false, enable_progress_bar: false, enable_model_summary: false}
+model:
+  class_path: kd_lightning.specialists.SpecialistModule
+  init_args:
+    net: {class_path: kd_lightning.models.MLP, init_args: {hidden: [16]}}
+data:
+  class_path: kd_lightning.datamodules.specialist.SpecialistDataModule
+  init_args:
+    source:
+      class_path: kd_lightning.datamodules.Synthetic
+      init_args: {num_superclasses: 3, classes_per_superclass: 2, dim: 8, train_per_class: 40, test_per_class: 10}
+    groups_file: groups.json
+    group: 1
+"""
+
+
+def test_kd_links_the_datas_group_into_the_model(tmp_path, monkeypatch):
+    """The data owns the group; `kd` links its classes, id and file into the model, like `num_classes`."""
+    from kd_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ClassGroups(6, list("abcdef"), [[0, 1], [5, 2]]).save(tmp_path / "groups.json")
+    (tmp_path / "specialist.yaml").write_text(LINKED)
+    cli = main(["--config", "specialist.yaml", f"--trainer.default_root_dir={tmp_path}"], run=False)
+    model, data = cli.model, cli.datamodule
+    assert data.group_classes == model.group_classes == [5, 2] and model.num_outputs == 3
+    assert model.group == 1 and model.hparams["groups_file"] == "groups.json"
+    # The group is the data's to set: the link wins over a value given to the model.
+    cli = main(["--config", "specialist.yaml", "--model.init_args.classes=[0]"], run=False)
+    assert cli.model.group_classes == [5, 2]
 
 
 # ------------------------------------------------------------------------------------------ script
