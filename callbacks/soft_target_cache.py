@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -48,6 +47,7 @@ from kd_lightning.cache import (
     ClassCount,
     EpochSetting,
     LoaderOptions,
+    NamedPrecision,
     ReplayableDataset,
     StoreIdentity,
     TeacherCarrier,
@@ -411,7 +411,7 @@ class SoftTargetCache(Callback):
             teacher_record=record,
             batch_size=self.batch_size,
             device=pl_module.device,
-            precision=_TrainerPrecision(trainer),
+            precision=NamedPrecision(str(trainer.precision), trainer.precision_plugin),
             collective=_TrainerProcesses(trainer),
             num_workers=options.num_workers if options is not None else 0,
             pin_memory=bool(options.pin_memory) if options is not None else False,
@@ -498,17 +498,3 @@ class _TrainerProcesses:
 
     def all_true(self, decision: bool) -> bool:
         return self.trainer.strategy.reduce_boolean_decision(decision, all=True)
-
-
-class _TrainerPrecision:
-    """The Trainer's precision as a :class:`~kd_lightning.cache.protocols.InferencePrecision`."""
-
-    def __init__(self, trainer: L.Trainer) -> None:
-        self.name = str(trainer.precision)
-        self._plugin = trainer.precision_plugin
-
-    def forward_context(self) -> AbstractContextManager[Any]:
-        return self._plugin.forward_context()
-
-    def convert_input(self, data: Tensor) -> Tensor:
-        return self._plugin.convert_input(data)

@@ -200,6 +200,26 @@ class FullPrecision:
         return data
 
 
+class NamedPrecision:
+    """:class:`InferencePrecision` of a Lightning precision plugin (``trainer.precision_plugin``, or one
+    made for a build without a Trainer), with its name.
+
+    Args:
+        name: Lightning's name of the precision, e.g. ``str(trainer.precision)``.
+        plugin: anything with ``forward_context()`` and ``convert_input(data)``, as Lightning's plugins.
+    """
+
+    def __init__(self, name: str, plugin: Any) -> None:
+        self.name = name
+        self.plugin = plugin
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        return self.plugin.forward_context()
+
+    def convert_input(self, data: Tensor) -> Tensor:
+        return self.plugin.convert_input(data)
+
+
 def split_dataset(datamodule: CacheDataModule, split: str) -> CacheableDataset:
     """The dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``) on ``datamodule``, after its setup.
 
