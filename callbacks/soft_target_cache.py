@@ -28,10 +28,10 @@ callback decides when, on which processes and with which teacher.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import lightning as L
 import torch
@@ -43,6 +43,7 @@ from typing_extensions import override
 from kd_lightning.cache import (
     SPLITS,
     BuildStats,
+    CacheableDataset,
     CacheDataModule,
     ClassCount,
     EpochSetting,
@@ -71,6 +72,7 @@ from kd_lightning.store import (
 )
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class SoftTargetCache(Callback):
@@ -278,7 +280,7 @@ class SoftTargetCache(Callback):
             raise RuntimeError("SoftTargetCache: `setup` has not run: no DataModule yet.")
         return self._datamodule
 
-    def _dataset(self, split: str) -> Any:
+    def _dataset(self, split: str) -> CacheableDataset:
         return _named(split_dataset, self._data(), split)
 
     def _consistent(self, split: str) -> bool:
@@ -388,7 +390,7 @@ class SoftTargetCache(Callback):
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         path: Path,
-        dataset: Any,
+        dataset: CacheableDataset,
         identity: StoreIdentity,
         split: str,
     ) -> SoftTargetStore:
@@ -466,7 +468,7 @@ def _module_teacher(pl_module: L.LightningModule) -> nn.Module | None:
     return teacher if isinstance(teacher, nn.Module) else None
 
 
-def _named(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def _named(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(*args, **kwargs)``, its ValueError prefixed with the callback's name."""
     try:
         return fn(*args, **kwargs)
