@@ -20,48 +20,59 @@ Two modes:
   the student and the teacher see the same augmented input. Views the store lacks (a DataModule
   serving more views than ``V``) fall back to running the teacher (hybrid), and the share served from
   the store is logged as ``cache/hit_rate``.
+
+The work is done by :mod:`kd_lightning.cache` (the identity of a store, filling it, serving it); the
+callback decides when, on which processes and with which teacher.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 from typing_extensions import override
 
+from kd_lightning.cache import (
+    SPLITS,
+    BuildStats,
+    CacheableDataset,
+    CacheDataModule,
+    ClassCount,
+    EpochSetting,
+    LoaderOptions,
+    NamedPrecision,
+    ReplayableDataset,
+    StoreIdentity,
+    TeacherCarrier,
+    check_buildable,
+    check_datamodule,
+    check_replayable,
+    check_store,
+    fill_store,
+    soft_targets,
+    split_dataset,
+    teacher_identity,
+)
 from kd_lightning.store import (
-    INDEX,
-    CorruptStoreError,
     Encoding,
     SoftTargetStore,
     StaleStoreError,
     StoreError,
-    StoreWriter,
-    array_sha256,
-    check_can_build,
     compare,
-    describe,
     file_sha256,
-    new_token,
-    read_header,
     teacher_fingerprint,
 )
 
-SPLITS = ("train", "val", "test")
-# Un-augmented inputs hashed into a dataset's fingerprint: catches changed files or normalisation that
-# leave the targets alone, for a few reads.
-_SAMPLED_INPUTS = 64
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class SoftTargetCache(Callback):
@@ -71,7 +82,8 @@ class SoftTargetCache(Callback):
     samples at a time, with a progress bar. Under DDP every process computes its own share of the
     batches and writes its rows into one shared store; the batches are cut the same way for any number
     of processes, so the store is bit-for-bit the one a single process builds. ``path`` must be on a
-    filesystem that every process sees.
+    filesystem that every process sees. (:func:`kd_lightning.cache.fill_store` does the same without a
+    Trainer.)
 
     The teacher is this callback's ``teacher_ckpt`` (loaded only when a store must be built, checked or
     fallen back on; a complete store whose checkpoint file is unchanged needs no teacher in memory) or
@@ -128,7 +140,7 @@ class SoftTargetCache(Callback):
         #: Per split built by this callback: samples, views, seconds, and bytes of soft targets.
         self.build_stats: dict[str, dict[str, float]] = {}
         self._stores: dict[str, SoftTargetStore] = {}
-        self._datamodule: Any = None
+        self._datamodule: CacheDataModule | None = None
         self._teacher: nn.Module | None = None  # loaded from `teacher_ckpt`, on the module's device
         self._teacher_fp: str | None = None  # fingerprint of the teacher as loaded / as given
         self._ckpt_sha: str | None = None
@@ -146,16 +158,16 @@ class SoftTargetCache(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._datamodule = trainer.datamodule
         # Checked afresh at every fit: the teacher file or the data may have changed in between.
         self._stores, self._teacher, self._teacher_fp, self._ckpt_sha = {}, None, None, None
         if stage == "fit":
             # A new run starts at epoch 0; a resumed one gets its epoch from `load_state_dict`, later.
             self._epoch, self._resumed_teachers = 0, {}
-        self._check_datamodule(trainer, pl_module, stage)
+        self._datamodule = _named(check_datamodule, trainer.datamodule)
+        self._check_data(pl_module, stage)
         # Fingerprint the module's teacher now: the Trainer converts it to its precision afterwards.
-        teacher = getattr(pl_module, "teacher", None)
-        if self.teacher_ckpt is None and isinstance(teacher, nn.Module):
+        teacher = _module_teacher(pl_module)
+        if self.teacher_ckpt is None and teacher is not None:
             self._teacher_fp = teacher_fingerprint(teacher)
 
     @override
@@ -163,7 +175,7 @@ class SoftTargetCache(Callback):
         for split in ("train", "val"):
             if split in self.splits:
                 self._prepare(trainer, pl_module, split)
-        self._report_hybrid(trainer)
+        self._report_hybrid()
         self._release_teacher()
         self._set_epoch(self._epoch)
 
@@ -247,16 +259,9 @@ class SoftTargetCache(Callback):
         self._set_epoch(self._epoch)
 
     # -----------------------------------------------------------------------------------------
-    # Checking and building
+    # Checking and building (kd_lightning.cache.identity and .fill)
 
-    def _check_datamodule(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        dm = self._datamodule
-        if dm is None or not callable(getattr(dm, "fingerprint", None)):
-            raise ValueError(
-                "SoftTargetCache needs the data from a DataModule with `fingerprint(split)` and "
-                "`<split>_set` datasets (e.g. kd_lightning.datamodules.IndexedDataModule), passed as "
-                f"`trainer.fit(model, datamodule=...)`; got {type(dm).__name__ if dm is not None else None}."
-            )
+    def _check_data(self, pl_module: L.LightningModule, stage: str) -> None:
         classes = self._num_classes(pl_module)
         if self.encoding.kind == "topk" and self.encoding.top_k > classes:
             raise ValueError(
@@ -264,81 +269,59 @@ class SoftTargetCache(Callback):
                 f"({classes}): choose 1 <= top_k <= {classes}, or kind='logits'."
             )
         if stage == "fit" and self.views is not None and "train" in self.splits:
-            train = self._dataset("train")
-            if not getattr(train, "replayable", False):
-                raise ValueError(
-                    f"SoftTargetCache(views={self.views}) is augmentation-consistent: the teacher's outputs are "
-                    "stored per augmentation view, which needs replayable augmentation. Set the DataModule's "
-                    "`augment_seed` (and `augment_views`), or use `views: null` (fixed mode)."
-                )
+            _named(check_replayable, self._dataset("train"), self.views)
 
     def _num_classes(self, pl_module: L.LightningModule) -> int:
-        classes = getattr(pl_module, "num_classes", None)
-        return int(classes if classes is not None else self._datamodule.num_classes)
+        classes = pl_module.num_classes if isinstance(pl_module, ClassCount) else None
+        return int(classes if classes is not None else self._data().num_classes)
 
-    def _dataset(self, split: str) -> Any:
-        dataset = getattr(self._datamodule, f"{split}_set", None)
-        needed = ("indices", "input_of")
-        if dataset is None or not all(hasattr(dataset, a) for a in needed):
-            raise ValueError(
-                f"SoftTargetCache: the DataModule has no usable `{split}_set` for split {split!r} (needs a "
-                f"dataset with {needed}, like kd_lightning.datamodules.IndexedDataset); got {type(dataset).__name__}."
-            )
-        return dataset
+    def _data(self) -> CacheDataModule:
+        if self._datamodule is None:
+            raise RuntimeError("SoftTargetCache: `setup` has not run: no DataModule yet.")
+        return self._datamodule
+
+    def _dataset(self, split: str) -> CacheableDataset:
+        return _named(split_dataset, self._data(), split)
 
     def _consistent(self, split: str) -> bool:
         return split == "train" and self.views is not None
 
-    def _identity(self, pl_module: L.LightningModule, split: str) -> dict[str, Any]:
-        """What a store of ``split`` must record to serve this run (the teacher apart)."""
-        dataset = self._dataset(split)
-        picks = np.unique(
-            np.linspace(0, len(dataset.indices) - 1, min(len(dataset.indices), _SAMPLED_INPUTS)).round()
-        )
-        sample = [dataset.input_of(int(dataset.indices[int(i)])).detach().cpu().numpy() for i in picks]
-        data = {
-            **self._datamodule.fingerprint(split),
-            "indices": array_sha256(dataset.indices),
-            "inputs": array_sha256(np.concatenate([s.ravel() for s in sample])) if sample else None,
-        }
-        if self._consistent(split):
-            transform = {
-                "teacher_input": "augmented",
-                "augmentation": describe(dataset.transform),
-                "augment_seed": dataset.augment_seed,
-            }
-        else:
-            transform = {"teacher_input": "un-augmented"}
-        return {
-            "dataset": data,
-            "transform": transform,
-            "num_classes": self._num_classes(pl_module),
-            "num_views": self.views if self._consistent(split) else 1,
-            "encoding": self.encoding.describe(),
-        }
-
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> None:
         """Open the store of ``split``, building it first if it is missing or stale (decided on all ranks)."""
         path = Path(self.path) / split
-        identity = self._identity(pl_module, split)
-        store, reason, differences = self._check(trainer, pl_module, path, identity)
-        reason = reason.rstrip(".") or "is not usable on every process"
-        usable = trainer.strategy.reduce_boolean_decision(store is not None, all=True)
-        if not usable:
+        dataset = self._dataset(split)
+        identity = StoreIdentity.of(
+            dataset,
+            self._data().fingerprint(split),
+            num_classes=self._num_classes(pl_module),
+            encoding=self.encoding,
+            views=self.views if self._consistent(split) else None,
+        )
+        try:
+            check = check_store(path, identity, partial(self._teacher_differences, trainer, pl_module, path))
+        except StoreError as err:
+            raise StoreError(f"SoftTargetCache {err}") from err
+        reason = check.reason.rstrip(".") or "is not usable on every process"
+        processes = _TrainerProcesses(trainer)
+        store = check.store
+        if not processes.all_true(store is not None):
             if not self.rebuild:
                 raise StaleStoreError(
                     f"SoftTargetCache: the soft-target store {str(path)!r} {reason}, "
                     "and `rebuild` is False. Set `rebuild: true` to rebuild it (the old store is replaced only "
                     "once the new one is complete), or point `path` at another directory.",
-                    differences,
+                    check.differences,
                 )
-            self._check_can_build(trainer, path)
-            if differences:  # replacing soft targets of another teacher, transform or encoding: say so loudly
+            try:
+                check_buildable(path, processes)
+            except StoreError as err:
+                raise StoreError(f"SoftTargetCache `path`: {err}") from err
+            if check.differences:  # replacing soft targets of another teacher, transform or encoding: say so
                 rank_zero_warn(f"SoftTargetCache: rebuilding {str(path)!r}, which {reason}.")
             else:
                 verb = "building" if reason == "does not exist" else "rebuilding"
                 rank_zero_info(f"SoftTargetCache: {verb} {str(path)!r}: it {reason}.")
-            store = self._build(trainer, pl_module, path, identity, split)
+            store = self._build(trainer, pl_module, path, dataset, identity, split)
         self._stores[split] = store
         fp = store.header["teacher"]["fingerprint"]
         resumed = self._resumed_teachers.get(split)
@@ -348,83 +331,28 @@ class SoftTargetCache(Callback):
                 f"{str(path)!r} holds those of teacher {fp}."
             )
 
-    def _check(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path, identity: dict[str, Any]
-    ) -> tuple[SoftTargetStore | None, str, list[str]]:
-        """(the store if usable, else None; why not; the differing fields)."""
-        try:
-            header = read_header(path)
-        except FileNotFoundError:
-            return None, "does not exist", []
-        except StaleStoreError as err:
-            return None, f"is stale: {err}", err.differences
-        except StoreError as err:
-            # Not ours: never built over, whatever `rebuild` says.
-            raise StoreError(f"SoftTargetCache `path`: {err} Choose another `path`.") from err
-        if header.get("complete") is not True:
-            found = header.get("complete", "<missing>")
-            return (
-                None,
-                "is incomplete (its build did not finish)",
-                [f"complete: store has {found!r}, a finished build has True"],
-            )
-        # Another dataset or split is most likely a wrong `path`: never built over, whatever `rebuild` says.
-        # (Changed targets, length or inputs of the same dataset make a store stale, not foreign.)
-        owner = compare(header, {"dataset": {k: identity["dataset"][k] for k in ("dataset", "split")}})
-        if owner:
-            raise StoreError(
-                f"SoftTargetCache `path`: the soft-target store {str(path)!r} belongs to another dataset or split "
-                f"({'; '.join(owner)}); it is left as it is. Choose another `path`, or delete the store."
-            )
-        differences = compare(header, identity)
-        teacher, unchecked = self._teacher_differences(trainer, pl_module, header)
+    def _teacher_differences(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path, header: dict[str, Any]
+    ) -> list[str]:
+        """How the store's teacher differs from ours (a warning where there is no teacher to check)."""
+        unchecked = ""
+        if self.teacher_ckpt is not None:
+            if not Path(self.teacher_ckpt).is_file():
+                unchecked = f"`teacher_ckpt` {self.teacher_ckpt!r} does not exist"
+            # An unchanged checkpoint file spares loading the teacher at all.
+            elif header.get("teacher", {}).get("checkpoint_sha256") == self._checkpoint_sha():
+                return []
+            else:
+                self._live_teacher(trainer, pl_module)
+        if not unchecked and self._teacher_fp is None:
+            unchecked = "no `teacher_ckpt` and the module has no teacher"
         if unchecked:
             rank_zero_warn(
                 f"SoftTargetCache: no teacher to check {str(path)!r} against ({unchecked}); using it as the soft "
                 f"targets of teacher {header.get('teacher', {}).get('fingerprint')}, whose identity is not verified."
             )
-        differences += teacher
-        if differences:
-            return None, "is stale: " + "; ".join(differences), differences
-        try:
-            return SoftTargetStore.open(path, verify=True), "", []
-        except CorruptStoreError as err:
-            return None, f"is corrupt: {err}", [str(err)]
-        except StoreError as err:
-            return None, f"cannot be used: {err}", [str(err)]
-
-    def _check_can_build(self, trainer: L.Trainer, path: Path) -> None:
-        """Before the teacher runs: the store can be written, and replacing it loses nothing of the user's.
-
-        Checked on every process (one shared filesystem, or not); all raise if any fails.
-        """
-        error = None
-        try:
-            check_can_build(path)
-        except StoreError as err:
-            error = err
-        if not trainer.strategy.reduce_boolean_decision(error is None, all=True):
-            if error is not None:
-                raise StoreError(f"SoftTargetCache `path`: {error}") from error
-            raise StoreError(
-                f"SoftTargetCache `path`: the soft-target store {str(path)!r} cannot be built on another "
-                "process (see its error)."
-            )
-
-    def _teacher_differences(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, header: dict[str, Any]
-    ) -> tuple[list[str], str]:
-        """(how the store's teacher differs from ours; why it could not be checked, or "")."""
-        if self.teacher_ckpt is not None:
-            if not Path(self.teacher_ckpt).is_file():
-                return [], f"`teacher_ckpt` {self.teacher_ckpt!r} does not exist"
-            # An unchanged checkpoint file spares loading the teacher at all.
-            if header.get("teacher", {}).get("checkpoint_sha256") == self._checkpoint_sha():
-                return [], ""
-            self._live_teacher(trainer, pl_module)
-        if self._teacher_fp is None:
-            return [], "no `teacher_ckpt` and the module has no teacher"
-        return compare(header, {"teacher": {"fingerprint": self._teacher_fp}}), ""
+            return []
+        return compare(header, {"teacher": {"fingerprint": self._teacher_fp}})
 
     def _checkpoint_sha(self) -> str:
         if self._ckpt_sha is None:
@@ -434,8 +362,8 @@ class SoftTargetCache(Callback):
     def _live_teacher(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
         """The teacher, on the module's device in the Trainer's precision, loading ``teacher_ckpt`` if needed."""
         if self.teacher_ckpt is None:
-            teacher = getattr(pl_module, "teacher", None)
-            if not isinstance(teacher, nn.Module):
+            teacher = _module_teacher(pl_module)
+            if teacher is None:
                 raise RuntimeError(
                     f"SoftTargetCache has no teacher to run (to build a store under {self.path!r}, or for views "
                     "not in it): set the callback's `teacher_ckpt` or give the module a teacher."
@@ -462,175 +390,67 @@ class SoftTargetCache(Callback):
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         path: Path,
-        identity: dict[str, Any],
+        dataset: CacheableDataset,
+        identity: StoreIdentity,
         split: str,
     ) -> SoftTargetStore:
-        strategy = trainer.strategy
-        rank, world = trainer.global_rank, trainer.world_size
         teacher = self._live_teacher(trainer, pl_module)
         # Timed from here: loading the teacher is not part of building (plain inference needs it too).
         start_time = time.perf_counter()
-        fingerprint = self._teacher_fp if self._teacher_fp is not None else teacher_fingerprint(teacher)
-        identity = {
-            "teacher": {
-                "fingerprint": fingerprint,
-                "architecture": type(teacher).__qualname__,
-                "checkpoint": self.teacher_ckpt,
-                "checkpoint_sha256": self._checkpoint_sha() if self.teacher_ckpt is not None else None,
-            },
-            **identity,
-        }
-        dataset = self._dataset(split)
-        views, length = identity["num_views"], len(dataset.indices)
-        token = strategy.broadcast(new_token() if rank == 0 else None, src=0)
-        if rank == 0:
-            writer = StoreWriter.create(
-                path, self.encoding, identity["num_classes"], dataset.indices, views, identity, token
-            )
-            for leftover in writer.removed_leftovers:
-                rank_zero_info(f"SoftTargetCache: removed {str(leftover)!r}, left by an interrupted build.")
-        strategy.barrier("soft_target_cache:create")
-        if rank != 0:
-            writer = StoreWriter.attach(path, token)
-        # Batches are cut from the rows alone and dealt round-robin to the ranks, so every row is computed
-        # in the same batch whatever the number of processes: one store, identical to a 1-process build.
-        jobs = [
-            (v, s, min(s + self.batch_size, length))
-            for v in range(views)
-            for s in range(0, length, self.batch_size)
-        ]
-        mine = jobs[rank::world]
-        try:
-            self._run_teacher(trainer, pl_module, teacher, dataset, mine, writer, split)
-            writer.close()
-        except BaseException:
-            if rank == 0:
-                writer.abort()  # an interrupted build leaves nothing that looks like a store
-            raise
-        strategy.barrier("soft_target_cache:written")
-        if rank == 0:
-            seconds = time.perf_counter() - start_time
-            writer.commit(
-                {
-                    "precision": str(trainer.precision),
-                    "world_size": world,
-                    "batch_size": self.batch_size,
-                    "seconds": round(seconds, 3),
-                }
-            )
-        strategy.barrier("soft_target_cache:committed")
-        store = SoftTargetStore.open(path, verify=False)  # the commit has just hashed and checked it
-        seconds = time.perf_counter() - start_time
-        # Soft targets only: the 8-byte sample index per row is the same for every format.
-        size = sum(
-            math.prod(spec["shape"]) * np.dtype(spec["dtype"]).itemsize
-            for name, spec in store.header["arrays"].items()
-            if name != INDEX
+        record = teacher_identity(
+            teacher,
+            fingerprint=self._teacher_fp,
+            checkpoint=self.teacher_ckpt,
+            checkpoint_sha256=self._checkpoint_sha() if self.teacher_ckpt is not None else None,
         )
-        self.build_stats[split] = {"samples": length, "views": views, "seconds": seconds, "bytes": size}
-        rank_zero_info(
-            f"SoftTargetCache: built {str(path)!r}: {length} samples x {views} views in {seconds:.1f} s "
-            f"({length * views / seconds:.0f} samples/s on {world} process(es)), {size / max(1, length * views):.1f} "
-            "bytes per sample and view."
+        data = self._data()
+        options = data if isinstance(data, LoaderOptions) else None
+        store = fill_store(
+            teacher,
+            dataset,
+            path,
+            identity,
+            teacher_record=record,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            precision=NamedPrecision(str(trainer.precision), trainer.precision_plugin),
+            collective=_TrainerProcesses(trainer),
+            num_workers=options.num_workers if options is not None else 0,
+            pin_memory=bool(options.pin_memory) if options is not None else False,
+            progress=trainer.progress_bar_callback is not None,
+            log=lambda message: rank_zero_info(f"SoftTargetCache: {message}"),
         )
+        self.build_stats[split] = BuildStats.of(store, time.perf_counter() - start_time).as_dict()
         return store
 
-    def _run_teacher(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        teacher: nn.Module,
-        dataset: Any,
-        jobs: list[tuple[int, int, int]],
-        writer: StoreWriter,
-        split: str,
-    ) -> None:
-        dm = self._datamodule
-        device = pl_module.device
-        loader = DataLoader(
-            _TeacherInputs(dataset, augmented=self._consistent(split)),
-            batch_sampler=_Jobs(jobs),
-            num_workers=getattr(dm, "num_workers", 0),
-            pin_memory=bool(getattr(dm, "pin_memory", False)) and device.type == "cuda",
-            # Its own generator: building must not move the global RNG the training run shuffles with.
-            generator=torch.Generator(),
-        )
-        precision = trainer.precision_plugin
-        samples = sum(stop - start for _, start, stop in jobs)
-        bar = tqdm(
-            total=samples,
-            desc=f"soft targets ({split})",
-            unit="sample",
-            dynamic_ncols=True,
-            leave=False,
-            disable=trainer.global_rank != 0 or trainer.progress_bar_callback is None,
-        )
-        was_training = teacher.training
-        teacher.eval()
-        try:
-            with torch.inference_mode(), precision.forward_context():
-                for (view, start, _), x in zip(jobs, loader, strict=True):
-                    x = precision.convert_input(x.to(device, non_blocking=True))
-                    writer.write(view, start, teacher(x).float())
-                    bar.update(x.shape[0])
-        finally:
-            bar.close()
-            teacher.train(was_training)
-
     # -----------------------------------------------------------------------------------------
-    # Serving
+    # Serving (kd_lightning.cache.serve)
 
     def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         store = self._stores.get(split)
         if store is None:
             return
-        if not isinstance(batch, dict) or "index" not in batch:
-            raise ValueError(
-                "SoftTargetCache: batches must be dicts with an 'index' entry (the batch contract of "
-                f"docs/architecture.md); got {type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else None}."
-            )
-        index = batch["index"]
-        n = len(index)
-        device = pl_module.device
-        if not self._consistent(split):
-            logits, hits = store.lookup(index).to(device, non_blocking=True), n
-        else:
-            logits, hits = self._consistent_targets(trainer, pl_module, store, batch)
+        fallback = partial(self._teacher_logits, trainer, pl_module)
+        logits, hits = _named(
+            soft_targets, store, batch, pl_module.device, by_view=self._consistent(split), fallback=fallback
+        )
         batch["teacher_logits"] = logits
         if split == "train":
             self._hits += hits
-            self._seen += n
+            self._seen += len(logits)
 
-    def _consistent_targets(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, store: SoftTargetStore, batch: dict[str, Any]
-    ) -> tuple[Tensor, int]:
-        if "view" not in batch:
-            raise ValueError(
-                f"SoftTargetCache(views={self.views}): training batches carry no 'view'; the DataModule's "
-                "augmentation must be replayable (`augment_seed`)."
-            )
-        device = pl_module.device
-        view = batch["view"].cpu()
-        hit = view < store.num_views
-        hits = int(hit.sum())
-        if hits == len(view):
-            return store.lookup(batch["index"], view).to(device, non_blocking=True), hits
-        # Hybrid: the views the store lacks are computed live, never replaced by another view's targets.
-        out = torch.empty(len(view), store.num_classes, device=device)
-        if hits:
-            hit_dev = hit.to(device)
-            out[hit_dev] = store.lookup(batch["index"].cpu()[hit], view[hit]).to(device)
-        miss = (~hit).to(device)
+    def _teacher_logits(self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: Tensor) -> Tensor:
+        """The live teacher's logits, for views the store lacks."""
         teacher = self._live_teacher(trainer, pl_module)
         # no_grad, not inference_mode: the result is a loss target.
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            out[miss] = teacher(batch["input"][miss]).float()
-        return out, hits
+            return teacher(inputs).float()
 
-    def _report_hybrid(self, trainer: L.Trainer) -> None:
+    def _report_hybrid(self) -> None:
         if not self._consistent("train") or "train" not in self._stores:
             return
-        served = getattr(self._dataset("train"), "views", None)
+        train = self._dataset("train")
+        served = train.views if isinstance(train, ReplayableDataset) else None
         if served is None or served > self.views:
             rank_zero_info(
                 f"SoftTargetCache: the data serves {'a new view every epoch' if served is None else f'{served} views'} "
@@ -638,36 +458,45 @@ class SoftTargetCache(Callback):
             )
 
     def _set_epoch(self, epoch: int) -> None:
-        set_epoch = getattr(self._datamodule, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
+        if isinstance(self._datamodule, EpochSetting):
+            self._datamodule.set_epoch(epoch)
 
 
-class _TeacherInputs(Dataset):
-    """What the teacher sees for a ``(view, row)`` key: that replayed view, or the un-augmented input."""
-
-    def __init__(self, dataset: Any, augmented: bool) -> None:
-        self.dataset = dataset
-        self.augmented = augmented
-
-    def __len__(self) -> int:
-        return len(self.dataset.indices)
-
-    def __getitem__(self, key: tuple[int, int]) -> Tensor:
-        view, row = key
-        index = int(self.dataset.indices[row])
-        return self.dataset.input_of(index, view if self.augmented else None)
+def _module_teacher(pl_module: L.LightningModule) -> nn.Module | None:
+    """The module's own teacher, if it carries one."""
+    teacher = pl_module.teacher if isinstance(pl_module, TeacherCarrier) else None
+    return teacher if isinstance(teacher, nn.Module) else None
 
 
-class _Jobs(Sampler):
-    """Batches of ``(view, row)`` keys, one per ``(view, start, stop)`` job."""
+def _named(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn(*args, **kwargs)``, its ValueError prefixed with the callback's name."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        if isinstance(err, StoreError):
+            raise
+        raise ValueError(f"SoftTargetCache: {err}") from err
 
-    def __init__(self, jobs: list[tuple[int, int, int]]) -> None:
-        self.jobs = jobs
 
-    def __len__(self) -> int:
-        return len(self.jobs)
+class _TrainerProcesses:
+    """The Trainer's processes as a :class:`~kd_lightning.cache.protocols.Collective`."""
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for view, start, stop in self.jobs:
-            yield [(view, row) for row in range(start, stop)]
+    def __init__(self, trainer: L.Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def global_rank(self) -> int:
+        return self.trainer.global_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        return self.trainer.strategy.broadcast(obj, src=src)
+
+    def barrier(self, name: str | None = None) -> None:
+        self.trainer.strategy.barrier(name)
+
+    def all_true(self, decision: bool) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=True)

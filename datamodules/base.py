@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
 from kd_lightning.datamodules.resumable import ResumableLoader
 from kd_lightning.datamodules.transforms import Transform, replay_seed
 
@@ -49,8 +50,11 @@ class ClassificationSource(ABC):
         and the 1-D int64 tensor of all its targets."""
 
 
-class IndexedDataset(Dataset):
+class IndexedDataset(Dataset, ReplayableDataset):
     """A view of ``source`` restricted to ``indices`` whose items follow the batch contract.
+
+    It is a :class:`~kd_lightning.cache.protocols.ReplayableDataset`: the soft-target cache reads its
+    rows through ``indices`` and :meth:`input_of`.
 
     With ``augment_seed`` set, augmentation is *replayable*: the input of sample ``j`` at an epoch is
     view ``v`` of it, the transform run with a generator seeded by
@@ -181,8 +185,12 @@ def targets_hash(targets: Tensor) -> str:
     return hashlib.sha256(targets.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-class IndexedDataModule(L.LightningDataModule):
+class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, LoaderOptions):
     """Train/validation/test loaders over one :class:`ClassificationSource`.
+
+    It is what the soft-target cache needs from data (:mod:`kd_lightning.cache.protocols`): a
+    ``CacheDataModule`` (``<split>_set``, :meth:`fingerprint`, ``num_classes``), with
+    :meth:`set_epoch` and loader settings.
 
     The validation split is carved from the training file with its own seed (``split_seed``), so it
     is the same for every run, model and process.
