@@ -200,7 +200,6 @@ def test_fit_teacher_checkpoint_reloads_the_fitted_teacher(tmp_path):
     assert torch.equal(first(x), second(x))
 
 
-@pytest.mark.slow
 def test_mnist1d_cnn_teacher_to_store_to_students(tmp_path):
     """The MNIST-1D path of the reproduction end to end, on a small budget: a CNN1D teacher fitted and
     checkpointed, its store built once, students alone and distilled from it, and a label-free one."""
