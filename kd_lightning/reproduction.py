@@ -64,6 +64,25 @@ class Budget:
     transfer_epochs: int = 10
     fmnist_seeds: tuple[int, ...] = (1, 2, 3)  # scripts/benchmark_kd.py's seeds: its runs are reused
 
+    @classmethod
+    def quick(cls) -> Budget:
+        """Tiny epochs and subsets: a plumbing check of every experiment in minutes."""
+        return cls(
+            sweep_epochs=1,
+            sweep_fraction=0.05,
+            mnist1d_epochs=3,
+            mnist1d_teacher_epochs=3,
+            regulariser_epochs=3,
+            omitted_epochs=1,
+            seeds=(0, 1),
+            temperatures=(1.0, 4.0),
+            limit_batches=20,
+            mnist1d_samples=1000,
+            mnist1d_generated=2000,
+            transfer_epochs=1,
+            fmnist_seeds=(1,),
+        )
+
 
 @dataclass(frozen=True)
 class SoftTargets:

@@ -330,24 +330,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="kd arguments for every pipeline stage, after --")
     args = parser.parse_args()
     overrides = list(args.overrides)
-    budget = Budget()
+    budget = Budget.quick() if args.quick else Budget()
     if args.quick:
         overrides += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=50"]
-        budget = Budget(
-            sweep_epochs=1,
-            sweep_fraction=0.05,
-            mnist1d_epochs=3,
-            mnist1d_teacher_epochs=3,
-            regulariser_epochs=3,
-            omitted_epochs=1,
-            seeds=(0, 1),
-            temperatures=(1.0, 4.0),
-            limit_batches=20,
-            mnist1d_samples=1000,
-            mnist1d_generated=2000,
-            transfer_epochs=1,
-            fmnist_seeds=(1,),
-        )
     sys.argv = sys.argv[:1]  # LightningCLI warns when it sees this script's arguments
     # A quick run must never overwrite the main job's stages or the committed report.
     default_workdir = ROOT / "runs" / "reproduce_quick" if args.quick else ROOT
