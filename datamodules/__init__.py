@@ -7,6 +7,7 @@ from kd_lightning.datamodules.base import (
     split_indices,
 )
 from kd_lightning.datamodules.cifar import CIFAR10, CIFAR100
+from kd_lightning.datamodules.extra import ExtraTraining
 from kd_lightning.datamodules.folder import ImageFolder
 from kd_lightning.datamodules.idx import MNIST, FashionMNIST, read_idx
 from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
@@ -23,6 +24,7 @@ __all__ = [
     "CIFAR10",
     "CIFAR100",
     "ImageFolder",
+    "ExtraTraining",
     "Digits",
     "MNIST1D",
     "Synthetic",

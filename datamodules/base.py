@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -212,6 +213,8 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, Lo
             Whoever trains must call :meth:`set_epoch` every epoch; the SoftTargetCache callback does.
         augment_views: distinct views per sample (``None``: a new view every epoch).
         view_schedule: ``"cycle"`` (view ``epoch % augment_views``) or ``"random"`` (seeded).
+        omit_classes: classes left out of the training split (after ``train_fraction``), e.g. a transfer
+            set that never shows the student a class; validation and test keep every class.
     """
 
     def __init__(
@@ -228,6 +231,7 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, Lo
         augment_seed: int | None = None,
         augment_views: int | None = None,
         view_schedule: Literal["cycle", "random"] = "cycle",
+        omit_classes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         check_replay(augment_seed, augment_views, view_schedule)
@@ -238,6 +242,13 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, Lo
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if not 0.0 < train_fraction <= 1.0:
             raise ValueError(f"`train_fraction` must lie in (0, 1], got {train_fraction!r}.")
+        omit_classes = tuple(omit_classes)
+        known = all(isinstance(c, int) and 0 <= c < source.num_classes for c in omit_classes)
+        if not known or len(set(omit_classes)) >= source.num_classes:
+            raise ValueError(
+                f"`omit_classes` must be class ids in [0, {source.num_classes}) that leave at least one class "
+                f"to train on, got {list(omit_classes)!r}."
+            )
         self.source = source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -250,6 +261,7 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, Lo
         self.augment_seed = augment_seed
         self.augment_views = augment_views
         self.view_schedule = view_schedule
+        self.omit_classes = omit_classes
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
@@ -281,6 +293,8 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, Lo
                 train_idx = train_idx[
                     keep[: max(1, round(self.train_fraction * len(train_idx)))].sort().values
                 ]
+            if self.omit_classes:
+                train_idx = train_idx[~torch.isin(targets[train_idx], torch.tensor(self.omit_classes))]
             self.train_set = IndexedDataset(
                 data,
                 targets,

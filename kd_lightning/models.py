@@ -1,5 +1,6 @@
-"""Small networks. Every network is ``Net(input_shape, num_classes, ...)``: the first two arguments
-come from the DataModule (linked by the CLI), the rest from the config's ``init_args``."""
+"""Small networks: MLP, SmallCNN (images), CNN1D (signals). Every network is
+``Net(input_shape, num_classes, ...)``: the first two arguments come from the DataModule (linked by the
+CLI), the rest from the config's ``init_args``."""
 
 from __future__ import annotations
 
@@ -107,3 +108,40 @@ class SmallCNN(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.classifier(self.features(x))
+
+
+class CNN1D(nn.Module):
+    """A small 1-D CNN for signals such as MNIST-1D: three strided conv-ReLU layers, then a linear head.
+
+    Args:
+        input_shape: ``(channels, length)``.
+        num_classes: number of output logits.
+        channels: width of the three convolutions.
+
+    Raises:
+        ValueError: ``input_shape`` is not ``(channels, length)``.
+
+    Example:
+        >>> CNN1D((1, 40), 10, channels=8)(torch.zeros(2, 1, 40)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        if len(input_shape) != 2:
+            raise ValueError(f"CNN1D needs `input_shape` (C, L), got {tuple(input_shape)}.")
+        c, length = input_shape
+        self.features = nn.Sequential(
+            nn.Conv1d(c, channels, 5, stride=2, padding=2),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        with torch.no_grad():
+            width = self.features(torch.zeros(1, c, length)).numel()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

@@ -18,321 +18,68 @@ Experiments (the paper's MNIST/speech numbers are quoted from Hinton, Vinyals & 
    finished stages are reused).
 6. generalist + specialists: scripts/benchmark_specialists.py's planted-groups and Fashion-MNIST runs.
 
-Teacher logits over the training split are computed once per teacher and kept in memory; every
-distilled student reads them from its batches (``batch["teacher_logits"]``), so it costs what a plain
-student costs.
+The experiments themselves are library functions (:mod:`kd_lightning.reproduction`); this script
+runs them in order, with the recipes below, and writes the report. Teachers are checkpoints (the main
+job's stage, or a 1-D CNN fitted here with a ModelCheckpoint); the distilled students read the teacher's
+fp32 logits from soft-target stores that the SoftTargetCache callback builds once per training split,
+under ``<workdir>/runs/reproduce/stores/`` (reused by later runs while teacher and data are unchanged),
+so a distilled student costs what a plain student costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from kd_lightning.datamodules import MNIST1D, ExtraTraining, FashionMNIST, IndexedDataModule
+from kd_lightning.ensemble import predict_logits
+from kd_lightning.models import CNN1D
+from kd_lightning.reproduction import (
+    Budget,
+    SoftTargets,
+    distillation_recipe,
+    fit_teacher,
+    gap_closed,
+    gap_closure,
+    omitted_class,
+    regulariser,
+    temperature_sweep,
+    transfer_set,
+)
+from kd_lightning.summary import mean_std
+from kd_lightning.workflows.regimes import run_regime
+from kd_lightning.workflows.specialist_study import (
+    fashion_mnist_generalist,
+    fashion_mnist_groups,
+    fashion_mnist_run,
+    pool_by_cover,
+    synthetic_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))  # benchmark_kd, benchmark_specialists: their runs are reused
-
-import benchmark_specialists as bs  # noqa: E402
-from benchmark_kd import run_regime  # noqa: E402
-
-from kd_lightning.datamodules import MNIST1D, FashionMNIST, IndexedDataModule  # noqa: E402
-from kd_lightning.datamodules.base import ClassificationSource  # noqa: E402
-from kd_lightning.ensemble import predict_logits  # noqa: E402
-from kd_lightning.models import MLP  # noqa: E402
-from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher  # noqa: E402
-from kd_lightning.objectives import HintonKD  # noqa: E402
-from kd_lightning.optim import OneCycle  # noqa: E402
-from kd_lightning.summary import mean_std  # noqa: E402
-
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 MEMBERS_OUT = "runs/fashion_mnist/members/member"
 DOCS = ROOT / "docs"
 FIGURES = DOCS / "reproduction"
-# Relative gain in test accuracy by the number of specialists covering the true class (paper's Table 4).
 # The in-memory Fashion-MNIST students follow the shipped student configs' optimizer and schedule; the
 # paper's T=20 with a small hard-label weight is kept where the experiment is the paper's own.
 FM_FIT: dict[str, Any] = {"lr": 1e-3, "weight_decay": 5e-4, "one_cycle": True}
 # MNIST-1D: the teacher's logits are large (it fits its training set); at lr 1e-3 for 60 epochs the
 # distilled MLP underfit them and gained nothing, at 3e-3 for 100 epochs it matches them.
 M1_FIT: dict[str, Any] = {"lr": 3e-3, "temperature": 20.0, "hard_weight": 0.1}
+# Relative gain in test accuracy by the number of specialists covering the true class (paper's Table 4).
 PAPER_TABLE4 = {0: "0.0%", 1: "+3.4%", 2: "+7.4%", 3: "+8.8%", 4: "+10.5%", 5: "+11.1%"}
 
 
-# ----------------------------------------------------------------------------------------------- models
-
-
-class CNN1D(nn.Module):
-    """A small 1-D CNN for MNIST-1D (``input_shape`` ``(C, L)``): three conv-ReLU layers, a linear head.
-
-    Args:
-        input_shape: ``(channels, length)``.
-        num_classes: number of output logits.
-        channels: width of the three convolutions.
-    """
-
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: int = 32) -> None:
-        super().__init__()
-        if len(input_shape) != 2:
-            raise ValueError(f"CNN1D needs `input_shape` (C, L), got {tuple(input_shape)}.")
-        c, length = input_shape
-        self.features = nn.Sequential(
-            nn.Conv1d(c, channels, 5, stride=2, padding=2),
-            nn.ReLU(inplace=True),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
-            nn.ReLU(inplace=True),
-        )
-        with torch.no_grad():
-            width = self.features(torch.zeros(1, c, length)).numel()
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, num_classes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-# ------------------------------------------------------------------------------------------------- data
-
-
-class ExtraTraining(ClassificationSource):
-    """``base`` with the training file of ``extra`` appended to its training file; the test file is base's.
-
-    The paper's transfer set may hold inputs the student never had labels for; MNIST-1D can generate as
-    many as wanted, offline. ``extra`` must describe the same task (classes and input shape).
-
-    Args:
-        base: the dataset whose test file is kept.
-        extra: the source of the additional training inputs.
-
-    Raises:
-        ValueError: if the two sources' classes or input shapes differ.
-    """
-
-    def __init__(self, base: ClassificationSource, extra: ClassificationSource) -> None:
-        if (base.num_classes, tuple(base.input_shape)) != (extra.num_classes, tuple(extra.input_shape)):
-            raise ValueError(
-                f"`extra` must have base's {base.num_classes} classes and input shape {tuple(base.input_shape)}, "
-                f"got {extra.num_classes} and {tuple(extra.input_shape)}."
-            )
-        self.base, self.extra = base, extra
-        self.name = f"{base.name}+{extra.name}"
-        self.num_classes, self.input_shape, self.class_names = (
-            base.num_classes,
-            base.input_shape,
-            base.class_names,
-        )
-
-    def load(self, train: bool) -> tuple[Dataset, Tensor]:
-        if not train:
-            return self.base.load(False)
-        (base_data, base_y), (extra_data, extra_y) = self.base.load(True), self.extra.load(True)
-        x = torch.cat([_inputs(base_data, base_y), _inputs(extra_data, extra_y)])
-        y = torch.cat([base_y, extra_y])
-        return TensorDataset(x, y), y
-
-
-def _inputs(data: Dataset, targets: Tensor) -> Tensor:
-    """The inputs of a source's dataset as one tensor (items are ``(input, target)``)."""
-    return torch.stack([data[i][0] for i in range(len(targets))])
-
-
-class _WithLogits(Dataset):
-    """Items of ``base`` with ``teacher_logits`` added, looked up by the item's stable ``index``."""
-
-    def __init__(self, base: Dataset, logits: Tensor) -> None:
-        self.base = base
-        self.logits = logits
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = dict(self.base[i])
-        item["teacher_logits"] = self.logits[int(item["index"])]
-        return item
-
-
-class ReproDataModule(IndexedDataModule):
-    """An :class:`IndexedDataModule` whose training split can drop classes and carry cached teacher logits.
-
-    Args:
-        source: the dataset.
-        teacher_logits: ``(len(training file), C)`` logits indexed by the item's ``index``, or ``None``.
-        omit_class: a class left out of the training (transfer) split, or ``None``.
-        **kwargs: passed to :class:`IndexedDataModule` (``train_fraction``, ``val_size``, ...).
-    """
-
-    def __init__(
-        self,
-        source: ClassificationSource,
-        teacher_logits: Tensor | None = None,
-        omit_class: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(source, **kwargs)
-        self.teacher_logits = teacher_logits
-        self.omit_class = omit_class
-
-    def setup(self, stage: str | None = None) -> None:
-        fresh = self.train_set is None
-        super().setup(stage)
-        if fresh and self.train_set is not None and self.omit_class is not None:
-            keep = self.train_set.targets != self.omit_class
-            self.train_set.indices = self.train_set.indices[keep]
-            self.train_set.targets = self.train_set.targets[keep]
-
-    def train_dataloader(self) -> DataLoader:
-        if self.teacher_logits is None:
-            return super().train_dataloader()
-        return self._loader(_WithLogits(self.train_set, self.teacher_logits), True, self.batch_size)
-
-
-# ---------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class Budget:
-    """Epochs and data limits of one run of the script (``--quick`` shrinks them)."""
-
-    sweep_epochs: int = 8
-    sweep_fraction: float = 0.25
-    mnist1d_epochs: int = 100
-    mnist1d_teacher_epochs: int = 60
-    regulariser_epochs: int = 60
-    omitted_epochs: int = 10
-    seeds: tuple[int, ...] = (0, 1, 2)
-    temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 8.0, 12.0, 20.0)
-    limit_batches: int | float = 1.0
-    mnist1d_samples: int = 5000
-    mnist1d_generated: int = 50_000  # generated signals, of which train_split (80%) extend the transfer set
-    transfer_epochs: int = 10
-    fmnist_seeds: tuple[int, ...] = (1, 2, 3)  # scripts/benchmark_kd.py's seeds: its runs are reused
-
-
-def _trainer(epochs: int, budget: Budget, callbacks: Sequence[L.Callback] = (), **kwargs: Any) -> L.Trainer:
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=bool(kwargs.pop("checkpointing", False)),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=budget.limit_batches,
-        callbacks=list(callbacks),
-        **kwargs,
-    )
-
-
-class KeepBest(L.Callback):
-    """Early stopping without a file: keep, in memory, the weights of the epoch with the best ``val/acc``."""
-
-    def __init__(self) -> None:
-        self.best = float("-inf")
-        self.best_epoch = -1
-        self.state: dict[str, Tensor] = {}
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs after the epoch's validation (Lightning 2.x), and after the module logged `val/acc`.
-        if "val/acc" not in trainer.callback_metrics:
-            raise RuntimeError("KeepBest needs validation every epoch (`val/acc` was not logged).")
-        acc = float(trainer.callback_metrics["val/acc"])
-        if acc > self.best:
-            self.best, self.best_epoch = acc, trainer.current_epoch
-            self.state = copy.deepcopy(pl_module.state_dict())
-
-
-def _optimizer(lr: float = 1e-3, weight_decay: float = 0.0) -> Callable[..., torch.optim.Optimizer]:
-    return partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
-
-
-def predict(model: nn.Module, loader: DataLoader) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits, targets and stable indices of ``model`` over ``loader`` (eval mode, no gradients)."""
-    return predict_logits(model, loader, indices=True)  # type: ignore[return-value]
-
-
-def teacher_train_logits(teacher: nn.Module, dm: IndexedDataModule) -> Tensor:
-    """The teacher's logits for every sample of the training file (un-augmented), keyed by ``index``."""
-    dm.setup("fit")
-    n = len(dm.source.load(train=True)[1])
-    out = torch.zeros(n, dm.num_classes)
-    for split in (dm.train_set, dm.val_set):
-        logits, _, idx = predict(teacher, DataLoader(split, batch_size=1000))
-        out[idx] = logits
-    return out
-
-
-def test_errors(model: nn.Module, dm: IndexedDataModule) -> tuple[int, float]:
-    """(test errors, test accuracy) of ``model`` on ``dm``'s test split."""
-    dm.setup("test")
-    logits, targets, _ = predict(model, dm.test_dataloader())
-    errors = int((logits.argmax(-1) != targets).sum())
-    return errors, 1.0 - errors / len(targets)
-
-
-def fit_student(
-    source: ClassificationSource,
-    hidden: tuple[int, ...],
-    seed: int,
-    epochs: int,
-    budget: Budget,
-    logits: Tensor | None = None,
-    temperature: float = 20.0,
-    hard_weight: float = 0.1,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    one_cycle: bool = False,
-    early_stop: bool = False,
-    **dm_kwargs: Any,
-) -> tuple[nn.Module, ReproDataModule]:
-    """Train one MLP student: on hard labels when ``logits`` is None, else distilled from them (HintonKD).
-
-    With ``one_cycle`` the learning rate follows :class:`~kd_lightning.optim.OneCycle` (peak ``lr``), as
-    in the shipped Fashion-MNIST student configs; otherwise it is constant. With ``early_stop`` the
-    weights of the best validation epoch are restored (the paper early-stopped its 3%-data hard-target
-    model).
-    """
-    L.seed_everything(seed, workers=True, verbose=False)
-    dm = ReproDataModule(source, teacher_logits=logits, **dm_kwargs)
-    net = partial(MLP, hidden=hidden)
-    common = {
-        "optimizer": _optimizer(lr, weight_decay),
-        "lr_schedule": OneCycle() if one_cycle else None,
-    }
-    if logits is None:
-        module: L.LightningModule = ClassifierModule(net, source.num_classes, source.input_shape, **common)
-    else:
-        module = DistillationModule(
-            net,
-            source.num_classes,
-            source.input_shape,
-            objective=HintonKD(temperature=temperature, hard_weight=hard_weight),
-            **common,
-        )
-    if not early_stop:
-        _trainer(epochs, budget, limit_val_batches=0).fit(module, datamodule=dm)
-        return module, dm
-    keep = KeepBest()
-    _trainer(epochs, budget, [keep]).fit(module, datamodule=dm)
-    module.load_state_dict(keep.state)
-    return module, dm
-
-
-# --------------------------------------------------------------------------------------------- experiments
+# ---------------------------------------------------------------------------------------------- report
 
 
 @dataclass
@@ -347,13 +94,6 @@ class Report:
         self.sections.append(text)
 
 
-def _closed(teacher: int, alone: Sequence[float], distilled: Sequence[float]) -> float:
-    """Share of the teacher-student error gap that distillation closes (mean errors over seeds)."""
-    gap = statistics.fmean(alone) - teacher
-    # Without a gap (the teacher no better than the student alone) there is nothing to close.
-    return (statistics.fmean(alone) - statistics.fmean(distilled)) / gap if gap > 0 else float("nan")
-
-
 def _closed_words(closed: float) -> str:
     if closed != closed:  # nan
         return "the teacher makes no fewer errors than the student alone here, so there is no gap to close."
@@ -361,72 +101,9 @@ def _closed_words(closed: float) -> str:
     return f"distillation closes {100 * closed:.0f}% of the teacher-student error gap (paper: (146-74)/(146-67) = 91%); {verdict}."
 
 
-def _recipe(config: Path) -> str:
-    """A distillation config's recipe in words, read from the file (so the report cannot drift from it)."""
-    import yaml
-
-    cfg = yaml.safe_load(config.read_text())
-    model = cfg["model"]["init_args"]
-    kd, opt = model["objective"]["init_args"], model["optimizer"]["init_args"]
-    schedule = (model.get("lr_schedule") or {}).get("class_path", "constant lr").rsplit(".", 1)[-1]
-    return (
-        f"T={kd['temperature']:g}, hard-label weight {kd['hard_weight']:g}, AdamW lr {opt['lr']:g} "
-        f"weight decay {opt.get('weight_decay', 0):g}, {schedule}, {cfg['trainer']['max_epochs']} epochs"
-    )
-
-
 def _fit_words(fit: dict[str, Any]) -> str:
     schedule = "one-cycle schedule" if fit.get("one_cycle") else "constant lr"
     return f"AdamW lr {fit['lr']:g}, weight decay {fit.get('weight_decay', 0.0):g}, {schedule}"
-
-
-def gap_closure(
-    name: str,
-    source: ClassificationSource,
-    teacher: nn.Module,
-    student_hidden: tuple[int, ...],
-    epochs: int,
-    budget: Budget,
-    dm_kwargs: dict[str, Any],
-    fit: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Teacher vs student alone vs distilled student (``budget.seeds``); returns errors and accuracies.
-
-    ``fit`` holds :func:`fit_student`'s recipe arguments (``temperature``, ``hard_weight``, ``lr``, ...),
-    the same for both students: only the targets differ."""
-    dm = IndexedDataModule(source, **dm_kwargs)
-    logits = teacher_train_logits(teacher, dm)
-    t_err, t_acc = test_errors(teacher, dm)
-    rows: dict[str, list[tuple[int, float]]] = {"alone": [], "distilled": []}
-    for seed in budget.seeds:
-        for kind, lg in (("alone", None), ("distilled", logits)):
-            model, sdm = fit_student(
-                source, student_hidden, seed, epochs, budget, lg, **(fit or {}), **dm_kwargs
-            )
-            rows[kind].append(test_errors(model, sdm))
-    return {"name": name, "teacher": (t_err, t_acc), **rows, "n_test": len(dm.test_set)}
-
-
-def transfer_set(
-    source: ClassificationSource,
-    teacher: nn.Module,
-    student_hidden: tuple[int, ...],
-    epochs: int,
-    budget: Budget,
-    dm_kwargs: dict[str, Any],
-    fit: dict[str, Any],
-    seed: int = 0,
-) -> dict[str, tuple[int, float]]:
-    """On a larger transfer set (``source``, e.g. :class:`ExtraTraining`): a student distilled with no
-    hard labels at all (``hard_weight=0``: the teacher labels every input), and, for honesty, the same
-    student trained on the true labels of the same inputs. Test (errors, accuracy) of each."""
-    dm = IndexedDataModule(source, **dm_kwargs)
-    logits = teacher_train_logits(teacher, dm)
-    soft, sdm = fit_student(
-        source, student_hidden, seed, epochs, budget, logits, **{**fit, "hard_weight": 0.0}, **dm_kwargs
-    )
-    hard, hdm = fit_student(source, student_hidden, seed, epochs, budget, None, **fit, **dm_kwargs)
-    return {"soft": test_errors(soft, sdm), "labels": test_errors(hard, hdm), "n_train": len(dm.train_set)}
 
 
 def fmnist_gap(
@@ -446,129 +123,6 @@ def fmnist_gap(
         "distilled": [row(r.test_acc) for r in distilled],
         "n_test": n_test,
     }
-
-
-def temperature_sweep(
-    source: ClassificationSource,
-    logits: Tensor,
-    sizes: dict[str, tuple[int, ...]],
-    temperatures: Sequence[float],
-    epochs: int,
-    budget: Budget,
-    dm_kwargs: dict[str, Any],
-    seed: int = 0,
-    fit: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per (student size, temperature): test errors and accuracy of the distilled student."""
-    rows = []
-    for label, hidden in sizes.items():
-        for t in temperatures:
-            model, dm = fit_student(
-                source, hidden, seed, epochs, budget, logits, temperature=t, **(fit or {}), **dm_kwargs
-            )
-            err, acc = test_errors(model, dm)
-            rows.append({"student": label, "T": float(t), "errors": err, "acc": acc})
-    return rows
-
-
-def choose_bias(
-    val_logits: Tensor, val_targets: Tensor, cls: int, grid: Sequence[float]
-) -> tuple[float, list[float]]:
-    """The shift of class ``cls``'s logit (bias) that maximises accuracy on the given (validation) data.
-
-    Args:
-        val_logits: ``(N, C)`` logits of validation samples (never the test set: the paper tuned on test).
-        val_targets: their labels.
-        cls: the class whose bias is shifted.
-        grid: candidate shifts.
-
-    Returns:
-        (best shift, validation accuracy at every shift of ``grid``).
-    """
-    if not 0 <= cls < val_logits.shape[1]:
-        raise ValueError(f"`cls` must be a class id in [0, {val_logits.shape[1]}), got {cls}.")
-    accs = []
-    for b in grid:
-        shifted = val_logits.clone()
-        shifted[:, cls] += b
-        accs.append(float((shifted.argmax(-1) == val_targets).float().mean()))
-    best = max(range(len(grid)), key=lambda i: (accs[i], -abs(grid[i])))
-    return float(grid[best]), accs
-
-
-def omitted_class(
-    source: ClassificationSource,
-    logits: Tensor,
-    cls: int,
-    epochs: int,
-    budget: Budget,
-    dm_kwargs: dict[str, Any],
-    grid: Sequence[float] = tuple(x / 2 for x in range(0, 31)),
-    temperature: float = 20.0,
-    fit: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Distil into an 800-800 MLP on a transfer set without class ``cls``; then shift that class's bias,
-    chosen on the validation split only, and report test errors and the class's accuracy before and after."""
-    model, dm = fit_student(
-        source,
-        (800, 800),
-        0,
-        epochs,
-        budget,
-        logits,
-        temperature=temperature,
-        omit_class=cls,
-        **(fit or {}),
-        **dm_kwargs,
-    )
-    val_logits, val_targets, _ = predict(model, dm.val_dataloader())
-    bias, val_accs = choose_bias(val_logits, val_targets, cls, grid)
-    dm.setup("test")
-    test_logits, test_targets, _ = predict(model, dm.test_dataloader())
-
-    def score(shift: float) -> tuple[int, int, float]:
-        lg = test_logits.clone()
-        lg[:, cls] += shift
-        wrong = lg.argmax(-1) != test_targets
-        of_cls = test_targets == cls
-        return int(wrong.sum()), int((wrong & of_cls).sum()), float((~wrong[of_cls]).float().mean())
-
-    return {
-        "cls": cls,
-        "before": score(0.0),
-        "after": score(bias),
-        "bias": bias,
-        "grid": list(grid),
-        "val_accs": val_accs,
-        "n_cls": int((test_targets == cls).sum()),
-    }
-
-
-def regulariser(
-    source: ClassificationSource,
-    logits: Tensor,
-    fraction: float,
-    epochs: int,
-    budget: Budget,
-    dm_kwargs: dict[str, Any],
-    temperature: float = 20.0,
-    fit: dict[str, Any] | None = None,
-) -> dict[str, float]:
-    """Hard targets (early-stopped on validation) vs soft targets on ``fraction`` of the training data,
-    and hard targets on all of it; test accuracy of an 800-800 MLP each."""
-    fit = fit or {}
-    out: dict[str, float] = {}
-    small = {**fit, **dm_kwargs, "train_fraction": fraction}
-    m, dm = fit_student(source, (800, 800), 0, epochs, budget, None, early_stop=True, **small)
-    out["hard_small"] = test_errors(m, dm)[1]
-    m, dm = fit_student(source, (800, 800), 0, epochs, budget, logits, temperature=temperature, **small)
-    out["soft_small"] = test_errors(m, dm)[1]
-    # The whole training split needs far fewer epochs for as many optimizer steps.
-    full_epochs = max(1, round(epochs * fraction * 4))
-    m, dm = fit_student(source, (800, 800), 0, full_epochs, budget, None, **fit, **dm_kwargs)
-    out["hard_full"] = test_errors(m, dm)[1]
-    out["full_epochs"] = full_epochs
-    return out
 
 
 def _regulariser_sentence(reg: dict[str, float]) -> str:
@@ -620,10 +174,10 @@ def specialists(workdir: Path, quick: bool, seeds: Sequence[int]) -> dict[str, l
     """Generalist + specialists of scripts/benchmark_specialists.py: planted groups (MLP 16) and
     Fashion-MNIST (the main job's teacher as generalist; finished specialists are reused)."""
     out = workdir / "runs" / "reproduce" / "specialists_synthetic"
-    synthetic = [bs.synthetic_run(seed, out / f"seed{seed}", quick, hidden=16) for seed in seeds]
-    generalist = bs.fashion_mnist_generalist(workdir, quick)
-    groups = bs.fashion_mnist_groups(workdir, generalist, quick)
-    fmnist = [bs.fashion_mnist_run(seed, workdir, generalist, groups, quick, False) for seed in seeds]
+    synthetic = [synthetic_run(seed, out / f"seed{seed}", quick, hidden=16) for seed in seeds]
+    generalist = fashion_mnist_generalist(workdir, quick)
+    groups = fashion_mnist_groups(workdir, generalist, quick)
+    fmnist = [fashion_mnist_run(seed, workdir, generalist, groups, quick, False) for seed in seeds]
     return {"synthetic": synthetic, "fashion_mnist": fmnist}
 
 
@@ -633,7 +187,7 @@ def _specialist_verdict(reports: list[dict[str, Any]]) -> str:
     words = f"the specialists change test accuracy by {mean_std(gains, sample=False)} points; " + (
         "like the paper, they help" if min(gains) > 0 else "unlike the paper, they do not help on every seed"
     )
-    pooled = bs.pool_by_cover(reports)
+    pooled = pool_by_cover(reports)
     covered = [row for row in pooled if row["cover"] > 0]
     if len(covered) == len(pooled) == 1:
         k = covered[0]["cover"]
@@ -682,7 +236,7 @@ def _specialist_lines(title: str, reports: list[dict[str, Any]], picture: str) -
         "| specialists covering the true class | test inputs (all seeds) | generalist (%) | KL (%) | relative change | paper |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in bs.pool_by_cover(reports):
+    for row in pool_by_cover(reports):
         k, g, c = row["cover"], row["acc"]["generalist"], row["acc"]["kl"]
         rel = f"{100 * (c - g) / g:+.1f}%" if g else "n/a"
         lines.append(
@@ -731,7 +285,7 @@ def _plot_specialists(reports: list[dict[str, Any]], title: str, path: Path) -> 
 
     acc = {m: statistics.fmean(r["acc"][m] for r in reports) for m in ("generalist", "kl")}
     return plot_specialist_breakdown(
-        {"acc": acc, "by_cover": bs.pool_by_cover(reports)}, path, title=f"{title}, {len(reports)} seeds"
+        {"acc": acc, "by_cover": pool_by_cover(reports)}, path, title=f"{title}, {len(reports)} seeds"
     )
 
 
@@ -760,17 +314,6 @@ def _fmnist_teacher(workdir: Path, overrides: list[str]) -> Any:
     return run_stage("teacher (CNN)", CONFIGS / "teacher.yaml", workdir, overrides)
 
 
-def _mnist1d_teacher(source: ClassificationSource, epochs: int, budget: Budget, dm_kwargs: dict) -> nn.Module:
-    L.seed_everything(0, workers=True, verbose=False)
-    module = ClassifierModule(
-        partial(CNN1D, channels=64), source.num_classes, source.input_shape, _optimizer(3e-3)
-    )
-    _trainer(epochs, budget, limit_val_batches=0).fit(
-        module, datamodule=IndexedDataModule(source, **dm_kwargs)
-    )
-    return module
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -787,24 +330,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="kd arguments for every pipeline stage, after --")
     args = parser.parse_args()
     overrides = list(args.overrides)
-    budget = Budget()
+    budget = Budget.quick() if args.quick else Budget()
     if args.quick:
         overrides += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=50"]
-        budget = Budget(
-            sweep_epochs=1,
-            sweep_fraction=0.05,
-            mnist1d_epochs=3,
-            mnist1d_teacher_epochs=3,
-            regulariser_epochs=3,
-            omitted_epochs=1,
-            seeds=(0, 1),
-            temperatures=(1.0, 4.0),
-            limit_batches=20,
-            mnist1d_samples=1000,
-            mnist1d_generated=2000,
-            transfer_epochs=1,
-            fmnist_seeds=(1,),
-        )
     sys.argv = sys.argv[:1]  # LightningCLI warns when it sees this script's arguments
     # A quick run must never overwrite the main job's stages or the committed report.
     default_workdir = ROOT / "runs" / "reproduce_quick" if args.quick else ROOT
@@ -828,7 +356,8 @@ def main() -> None:
     # 1. gap closure
     t0 = time.perf_counter()
     fm_stage = _fmnist_teacher(workdir, overrides)
-    fm_teacher = load_teacher(fm_stage.checkpoint)
+    # One soft-target store per training split (each experiment's), so that none replaces another.
+    stores = workdir / "runs" / "reproduce" / "stores"
     fm_dm = IndexedDataModule(fmnist, **fm_kwargs)
     fm_dm.setup("test")
     print(
@@ -836,13 +365,22 @@ def main() -> None:
     )
     fm_gap = fmnist_gap(fm_stage, workdir, overrides, budget.fmnist_seeds, len(fm_dm.test_set))
     mnist1d = MNIST1D(num_samples=budget.mnist1d_samples)
-    m1_teacher = _mnist1d_teacher(mnist1d, budget.mnist1d_teacher_epochs, budget, m1_kwargs)
+    print("MNIST-1D: the 1-D CNN teacher ...", flush=True)
+    m1_teacher = fit_teacher(
+        partial(CNN1D, channels=64),
+        mnist1d,
+        budget.mnist1d_teacher_epochs,
+        budget,
+        m1_kwargs,
+        workdir / "runs" / "reproduce" / "mnist1d_teacher",
+        lr=3e-3,
+    )
     m1_hidden = (256, 256)
     print("MNIST-1D: students alone and distilled ...", flush=True)
     m1_gap = gap_closure(
         f"MNIST-1D (1-D CNN -> MLP {'-'.join(map(str, m1_hidden))})",
         mnist1d,
-        m1_teacher,
+        SoftTargets(m1_teacher, stores / "mnist1d"),
         m1_hidden,
         budget.mnist1d_epochs,
         budget,
@@ -853,7 +391,7 @@ def main() -> None:
     print("MNIST-1D: a transfer set with generated signals ...", flush=True)
     m1_transfer = transfer_set(
         ExtraTraining(mnist1d, generated),
-        m1_teacher,
+        SoftTargets(m1_teacher, stores / "mnist1d_transfer"),
         m1_hidden,
         budget.transfer_epochs,
         budget,
@@ -865,7 +403,7 @@ def main() -> None:
         "## 1. Gap closure: teacher, student alone, distilled student\n",
         "Paper (MNIST, 10,000 test images): teacher 67 errors, student alone 146, distilled (T=20) 74.\n",
         f"- Fashion-MNIST: teacher `configs/fashion_mnist/teacher.yaml` (the main job's); students "
-        f"`student.yaml` and `distill_cached.yaml` ({_recipe(CONFIGS / 'distill_cached.yaml')}), seeds "
+        f"`student.yaml` and `distill_cached.yaml` ({distillation_recipe(CONFIGS / 'distill_cached.yaml')}), seeds "
         f"{', '.join(map(str, budget.fmnist_seeds))}: the runs of `scripts/benchmark_kd.py`, reused.",
         f"- MNIST-1D ({budget.mnist1d_samples} signals, 80% train): teacher a 1-D CNN "
         f"({budget.mnist1d_teacher_epochs} epochs); students MLP {'-'.join(map(str, m1_hidden))}, "
@@ -892,9 +430,9 @@ def main() -> None:
         )
     lines.append("")
     for g in gaps:
-        closed = _closed(g["teacher"][0], [e for e, _ in g["alone"]], [e for e, _ in g["distilled"]])
+        closed = gap_closed(g["teacher"][0], [e for e, _ in g["alone"]], [e for e, _ in g["distilled"]])
         lines.append(f"- {g['name']}: {_closed_words(closed)}")
-    closed = _closed(m1_gap["teacher"][0], [e for e, _ in m1_gap["alone"]], [m1_transfer["soft"][0]])
+    closed = gap_closed(m1_gap["teacher"][0], [e for e, _ in m1_gap["alone"]], [m1_transfer["soft"][0]])
     soft_acc, label_acc = m1_transfer["soft"][1], m1_transfer["labels"][1]
     lines.append(
         f"- MNIST-1D with a larger transfer set (one seed): the training file plus the training split of "
@@ -916,10 +454,9 @@ def main() -> None:
 
     # 2. temperature sweep (on a fraction of Fashion-MNIST, to fit the budget)
     t0 = time.perf_counter()
-    fm_logits = teacher_train_logits(fm_teacher, IndexedDataModule(fmnist, **fm_kwargs))
     sweep = temperature_sweep(
         fmnist,
-        fm_logits,
+        SoftTargets(fm_stage.checkpoint, stores / "fashion_mnist_sweep"),
         {"MLP 800-800": (800, 800), "MLP 30-30": (30, 30)},
         budget.temperatures,
         budget.sweep_epochs,
@@ -961,7 +498,15 @@ def main() -> None:
 
     # 3. omitted class
     t0 = time.perf_counter()
-    om = omitted_class(fmnist, fm_logits, 3, budget.omitted_epochs, budget, fm_kwargs, fit=FM_FIT)
+    om = omitted_class(
+        fmnist,
+        SoftTargets(fm_stage.checkpoint, stores / "fashion_mnist_omit3"),
+        3,
+        budget.omitted_epochs,
+        budget,
+        fm_kwargs,
+        fit=FM_FIT,
+    )
     (e0, c0, a0), (e1, c1, a1) = om["before"], om["after"]
     report.add(
         "\n".join(
@@ -987,7 +532,15 @@ def main() -> None:
 
     # 4. soft targets as a regulariser
     t0 = time.perf_counter()
-    reg = regulariser(fmnist, fm_logits, 0.03, budget.regulariser_epochs, budget, fm_kwargs, fit=FM_FIT)
+    reg = regulariser(
+        fmnist,
+        SoftTargets(fm_stage.checkpoint, stores / "fashion_mnist_3pct"),
+        0.03,
+        budget.regulariser_epochs,
+        budget,
+        fm_kwargs,
+        fit=FM_FIT,
+    )
     report.add(
         "\n".join(
             [
