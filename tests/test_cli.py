@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning.cli import main
 from kd_lightning.datamodules import FashionMNIST
-from kd_lightning.pipeline import train_members
+from kd_lightning.workflows.members import train_members
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
