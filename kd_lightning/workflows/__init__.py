@@ -141,6 +141,6 @@ def run_workflow(name: str, argv: Sequence[str]) -> Any:
     config = parser.parse_args(argv)
     arguments = parser.instantiate_classes(config).as_dict()
     result = resolve(name)(**arguments)
-    print(json.dumps(result, indent=2, default=_jsonable))
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=_jsonable))
     sys.stdout.flush()
     return result

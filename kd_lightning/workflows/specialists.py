@@ -90,6 +90,34 @@ def _specialist_details(group: int):
     return details
 
 
+def upgrade_record(record_file: Path, name: str) -> bool:
+    """Rewrite a specialist record of the format before specialists were stages (no ``name``, ``test_acc``
+    or ``params``) in the stage format, so that its finished specialist is reused; ``True`` if rewritten.
+
+    The network's parameter count, which that format lacked, is read from the checkpoint.
+    """
+    if not record_file.is_file():
+        return False
+    saved = json.loads(record_file.read_text())
+    if "name" in saved or not Path(saved.get("checkpoint", "")).is_file():
+        return False
+    from kd_lightning.specialists import load_specialist
+
+    net = load_specialist(saved["checkpoint"]).net
+    result = StageResult(
+        name=name,
+        command=saved["command"],
+        checkpoint=saved["checkpoint"],
+        test_acc=float(saved["metrics"]["test/acc"]),
+        params=sum(p.numel() for p in net.parameters()),
+        fit_seconds=saved["fit_seconds"],
+        metrics=saved["metrics"],
+        details={k: saved[k] for k in ("group", "classes", "dustbin_correction")},
+    )
+    record_file.write_text(json.dumps(result.record(), indent=2))
+    return True
+
+
 def train_specialist(
     config: str | Path,
     group: int,
@@ -105,6 +133,7 @@ def train_specialist(
     """
     out = (Path(workdir) / out).resolve()  # `out` if absolute
     classes = groups_of(config, overrides, workdir)[1].group(group)
+    upgrade_record(out / f"group{group}.json", f"specialist {group}")
     return run_stage(
         f"specialist {group}",
         config,
