@@ -228,8 +228,8 @@ def console(argv: list[str] | None = None) -> None:
 
     Exit status 0 on success (``sys.exit(main())`` would print the CLI object and exit 1), 143
     (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a ``SystemExit`` without a
-    status, which would read as success to a shell or a SLURM job. An unknown subcommand exits with 2,
-    naming the available ones.
+    status, which would read as success to a shell or a SLURM job (a workflow's fits likewise). An unknown
+    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2.
     """
     from kd_lightning.workflows import WORKFLOWS, run_workflow
     from kd_lightning.workflows.stage import own_argv
@@ -237,9 +237,6 @@ def console(argv: list[str] | None = None) -> None:
     given = argv  # None: LightningCLI reads sys.argv itself (given both, it warns)
     argv = sys.argv[1:] if argv is None else list(argv)
     lightning = ("fit", "validate", "test", "predict")
-    if argv and argv[0] in WORKFLOWS:
-        run_workflow(argv[0], argv[1:])
-        return
     if not argv or argv[0] in ("-h", "--help"):
         try:
             with own_argv():
@@ -249,7 +246,7 @@ def console(argv: list[str] | None = None) -> None:
                 raise
         print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
         sys.exit(0 if argv else 2)
-    if not argv[0].startswith("-") and argv[0] not in lightning:
+    if not argv[0].startswith("-") and argv[0] not in (*lightning, *WORKFLOWS):
         print(
             f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS])} "
             "(kd --help describes them).",
@@ -257,7 +254,10 @@ def console(argv: list[str] | None = None) -> None:
         )
         sys.exit(2)
     try:
-        main(given)
+        if argv[0] in WORKFLOWS:
+            run_workflow(argv[0], argv[1:])
+        else:
+            main(given)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
 

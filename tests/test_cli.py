@@ -37,7 +37,7 @@ def kd_executable() -> str:
 
 def test_kd_help_lists_subcommands():
     out = subprocess.run([kd_executable(), "--help"], capture_output=True, text=True, check=True).stdout
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "test", "predict", "stage", "members", "specialists", "summary"):
         assert sub in out
     out = subprocess.run(
         [kd_executable(), "fit", "--help"], capture_output=True, text=True, check=True

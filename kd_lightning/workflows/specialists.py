@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from jsonargparse import Namespace
 
 from kd_lightning.clustering import ClassGroups
@@ -78,9 +79,16 @@ def _with_groups_file(overrides: Sequence[str], groups_file: str | Path | None) 
     return [*overrides, *extra]
 
 
-def _specialist_details(group: int):
-    def details(model: Any) -> dict[str, Any]:
-        # A SpecialistModule: its group's classes and the dustbin correction its data set.
+def _specialist_details(group: int) -> Callable[[L.LightningModule], dict[str, Any]]:
+    """What a specialist's record holds besides its metrics: its group, classes and dustbin correction."""
+
+    def details(model: L.LightningModule) -> dict[str, Any]:
+        from kd_lightning.specialists import SpecialistModule
+
+        if not isinstance(model, SpecialistModule):
+            raise TypeError(
+                f"`config`: a specialist config must build a SpecialistModule, got {type(model).__name__}."
+            )
         return {
             "group": group,
             "classes": list(model.group_classes),
