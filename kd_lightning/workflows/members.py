@@ -28,6 +28,15 @@ def member_overrides(
     its run (checkpoints, logs) in ``out/member_<k>/seed<seed>``. With ``vary=(key, values)`` also
     ``--<key>=values[k]`` (e.g. a width per member).
 
+    Args:
+        member: the member's id ``k``.
+        out: directory of the members.
+        seed_base: member ``k`` is seeded ``seed_base + k``.
+        vary: ``(key, values)``: member ``k`` also gets ``--key=values[k]``.
+
+    Returns:
+        The member's ``kd`` arguments.
+
     Raises:
         ValueError: ``member`` is negative, or ``vary`` has no value for it.
     """

@@ -131,6 +131,14 @@ def synthetic_run(
     fixed label permutation, so that the groups are not contiguous blocks; generalist and specialists are
     MLPs with one hidden layer of ``hidden`` units.
 
+    Args:
+        seed: seeds the generalist (``seed``) and specialist ``g`` (``100 * seed + g``).
+        out: directory of the checkpoints and the groups file.
+        quick: a smoke run (2 generalist epochs, 1 specialist epoch, a few batches each).
+        hidden: width of the MLPs' hidden layer.
+        specialist_epochs: epochs of each specialist (without ``quick``).
+        soft_weight: weight of the generalist's folded soft targets in the specialists' loss.
+
     Returns:
         The :class:`~kd_lightning.specialists.SpecialistEnsemble` report, plus ``seconds`` (generalist
         alone, ensemble), ``ari`` (found against planted groups), ``named_groups`` and
@@ -234,7 +242,15 @@ def synthetic_run(
 
 
 def fashion_mnist_generalist(workdir: Path, quick: bool) -> Path:
-    """The main job's teacher checkpoint, trained here only if it is missing."""
+    """The main job's teacher checkpoint, trained here only if it is missing.
+
+    Args:
+        workdir: where ``runs/fashion_mnist/teacher`` is (or goes).
+        quick: train a missing teacher with :data:`QUICK`'s budget.
+
+    Returns:
+        The checkpoint (``.../seed0/checkpoints/final.ckpt``).
+    """
     checkpoint = workdir / "runs" / "fashion_mnist" / "teacher" / "seed0" / "checkpoints" / "final.ckpt"
     if checkpoint.is_file():
         print(f"generalist: reusing {checkpoint}", flush=True)
@@ -246,7 +262,16 @@ def fashion_mnist_generalist(workdir: Path, quick: bool) -> Path:
 
 
 def fashion_mnist_groups(workdir: Path, generalist: Path, quick: bool) -> Path:
-    """``kd validate --config generalist.yaml --ckpt_path <generalist>``: writes the groups file."""
+    """``kd validate --config generalist.yaml --ckpt_path <generalist>``: writes the groups file.
+
+    Args:
+        workdir: where the config's relative paths resolve.
+        generalist: the generalist's checkpoint.
+        quick: validate on 2 batches only.
+
+    Returns:
+        The groups file (``workdir/runs/fashion_mnist/generalist/groups.json``).
+    """
     from kd_lightning.cli import main
 
     config = CONFIGS / "fashion_mnist" / "generalist.yaml"
@@ -262,6 +287,15 @@ def fashion_mnist_run(
     seed: int, workdir: Path, generalist: Path, groups_file: Path, quick: bool, force: bool
 ) -> dict[str, Any]:
     """Every specialist of ``groups_file`` for one seed (finished ones reused), and their combination.
+
+    Args:
+        seed: the specialists' ``--seed_everything``; they go to
+            ``workdir/runs/benchmark_specialists/fashion_mnist/seed<seed>``.
+        workdir: where relative paths resolve.
+        generalist: the generalist's checkpoint.
+        groups_file: the groups (one specialist each).
+        quick: :data:`QUICK`'s budget.
+        force: retrain finished specialists.
 
     Returns:
         The report of :func:`~kd_lightning.workflows.specialists.evaluate_specialists`, plus
@@ -299,7 +333,14 @@ def fashion_mnist_run(
 
 
 def pool_by_cover(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The seeds' Table 4 rows pooled: per cover count, test inputs summed and accuracies count-weighted."""
+    """The seeds' Table 4 rows pooled: per cover count, test inputs summed and accuracies count-weighted.
+
+    Args:
+        reports: one specialists report per seed (each with ``by_cover`` rows).
+
+    Returns:
+        One row per cover count, ascending: ``cover``, ``count`` and ``acc`` (``generalist``, ``kl``).
+    """
     pooled = []
     for k in sorted({row["cover"] for r in reports for row in r["by_cover"]}):
         rows = [row for r in reports for row in r["by_cover"] if row["cover"] == k]

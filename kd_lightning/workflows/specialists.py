@@ -136,6 +136,14 @@ def train_specialist(
 ) -> StageResult:
     """Fit and test the specialist of ``group``; reuse a finished one run with the same command and classes.
 
+    Args:
+        config: a specialist config (``kd`` YAML).
+        group: the group (an index into the groups file).
+        out: directory of ``group<G>.ckpt`` and its record ``group<G>.json`` (relative to ``workdir``).
+        workdir: where relative paths resolve.
+        overrides: ``kd`` arguments of the run (before ``--model.init_args.group=G``).
+        force: retrain even if finished.
+
     Returns:
         The stage's result; its ``details`` hold ``group``, ``classes`` and ``dustbin_correction``.
     """
