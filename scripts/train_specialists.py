@@ -44,13 +44,13 @@ def main() -> None:
         return
     summary = train_specialists(
         args.config,
-        args.group,
-        args.groups_file,
-        args.out,
-        args.workdir,
-        args.evaluate,
-        args.force,
-        args.overrides,
+        group=args.group,
+        groups_file=args.groups_file,
+        out=args.out,
+        workdir=args.workdir,
+        evaluate=args.evaluate,
+        force=args.force,
+        overrides=args.overrides,
     )
     if args.evaluate:
         print("\n" + format_report(summary["report"]))
