@@ -11,6 +11,10 @@ and becomes ``trainer.default_root_dir``; a ModelCheckpoint without a ``dirpath`
 arguments): it refuses to overwrite another run's checkpoints (``--run.overwrite=true`` allows it) and
 saves ``last.ckpt`` on SIGTERM. ``--ckpt_path last`` resumes from the run's newest ``last*.ckpt`` or
 ``hpc_ckpt_*.ckpt`` and continues the same W&B run. See docs/resume.md.
+
+Besides ``fit``, ``validate``, ``test`` and ``predict``, ``kd <workflow> ...`` runs one of the library's
+workflows (:data:`kd_lightning.workflows.WORKFLOWS`: ``stage``, ``members``, ``specialists``, ...) with
+arguments taken from the function's signature and docstring (:func:`console`).
 """
 
 from __future__ import annotations
@@ -172,9 +176,13 @@ def continue_wandb_run(trainer: L.Trainer, checkpoint: Path) -> str | None:
 
 def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
     """Entry point of ``kd``; ``args`` and ``run`` let scripts and tests call it in-process."""
-    return KDCLI(
-        L.LightningModule,
-        kd_lightning.datamodules.IndexedDataModule,
+    return KDCLI(**_cli_arguments(), args=args, run=run)
+
+
+def _cli_arguments() -> dict[str, Any]:
+    return dict(
+        model_class=L.LightningModule,
+        datamodule_class=kd_lightning.datamodules.IndexedDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         # Optimizers are module arguments built over the trainable network only; LightningCLI's
@@ -185,20 +193,79 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
         # Also stores the full resolved config with each W&B run (its own copy, whatever the next run
         # in the same directory writes to config.yaml).
         save_config_callback=KDSaveConfigCallback,
-        args=args,
-        run=run,
     )
 
 
-def console() -> None:
-    """The ``kd`` console script: exit status 0 on success (``sys.exit(main())`` would print the CLI
-    object and exit 1), 143 (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a
-    ``SystemExit`` without a status, which would read as success to a shell or a SLURM job."""
+class _ParseOnly(KDCLI):
+    """The ``kd`` parser without building anything (no run placement, no instantiation)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str]) -> Namespace:
+    """The configuration ``kd fit ARGS`` would run (config files and overrides merged and type-checked, as
+    ``kd`` itself reads them), without building the model, data or Trainer and without placing the run
+    (``trainer.default_root_dir`` as given). Like ``kd``, it seeds the global random generators.
+
+    Example:
+        >>> parse_config(["--model=kd_lightning.modules.ClassifierModule", "--model.init_args.net=kd_lightning.models.MLP",
+        ...     "--data=kd_lightning.datamodules.IndexedDataModule", "--data.init_args.source=kd_lightning.datamodules.Synthetic",
+        ...     "--trainer.default_root_dir=runs/x"]).trainer.default_root_dir
+        'runs/x'
+    """
+    return _ParseOnly(**_cli_arguments(), args=args, run=False).config
+
+
+def _workflow_lines() -> list[str]:
+    from kd_lightning.workflows import WORKFLOWS, summary_line
+
+    width = max(len(name) for name in WORKFLOWS)
+    return [f"  {name:<{width}}  {summary_line(name)}" for name in WORKFLOWS]
+
+
+def console(argv: list[str] | None = None) -> None:
+    """The ``kd`` console script: ``kd fit|validate|test|predict ...`` (LightningCLI) or ``kd <workflow> ...``
+    (:mod:`kd_lightning.workflows`).
+
+    Exit status 0 on success (``sys.exit(main())`` would print the CLI object and exit 1), 143
+    (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a ``SystemExit`` without a
+    status, which would read as success to a shell or a SLURM job (a workflow's fits likewise). An unknown
+    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2.
+    """
+    from kd_lightning.workflows import WORKFLOWS, run_workflow
+    from kd_lightning.workflows.stage import own_argv
+
+    given = argv  # None: LightningCLI reads sys.argv itself (given both, it warns)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    lightning = ("fit", "validate", "test", "predict")
+    if not argv or argv[0] in ("-h", "--help"):
+        try:
+            with own_argv():
+                main(["--help"])
+        except SystemExit as done:  # LightningCLI printed its help; the workflows follow
+            if done.code not in (0, None):
+                raise
+        print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
+        sys.exit(0 if argv else 2)
+    if not argv[0].startswith("-") and argv[0] not in (*lightning, *WORKFLOWS):
+        print(
+            f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS])} "
+            "(kd --help describes them).",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
-        main()
+        if argv[0] in WORKFLOWS:
+            run_workflow(argv[0], argv[1:])
+        else:
+            main(given)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -37,19 +37,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from kd_lightning.callbacks import SoftTargetCache
+from kd_lightning.cli import main as kd
+from kd_lightning.modules import load_teacher
+from kd_lightning.store import Encoding, SoftTargetStore, StoreWriter
+from kd_lightning.workflows.stage import run_stage, working_directory
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
-
-from kd_lightning.callbacks import SoftTargetCache  # noqa: E402
-from kd_lightning.cli import main as kd  # noqa: E402
-from kd_lightning.modules import load_teacher  # noqa: E402
-from kd_lightning.pipeline import run_stage, working_directory  # noqa: E402
-from kd_lightning.store import Encoding, SoftTargetStore, StoreWriter  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 TEACHER_CKPT = ROOT / "runs" / "fashion_mnist" / "teacher" / "seed0" / "checkpoints" / "final.ckpt"

@@ -5,7 +5,8 @@
 The teacher is the main job's (configs/fashion_mnist/teacher.yaml, reused from runs/ if finished).
 The students are configs/fashion_mnist/student.yaml and distill_cached.yaml (distill.yaml's model
 with the teacher's logits read from a store built once) with --seed_everything=1,2,3: the same
-800-800 MLP, optimizer, schedule and epochs; only the loss differs. Two regimes:
+800-800 MLP, optimizer, schedule and epochs; only the loss differs. Two regimes
+(:data:`kd_lightning.workflows.regimes.REGIMES`, run by :func:`~kd_lightning.workflows.regimes.run_regime`):
 
 * full: the 55,000 training images, 15 epochs;
 * transfer10: a fixed 10% of them (5,500 images, ``train_fraction=0.1``), 30 epochs: Hinton et al.'s
@@ -18,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
+from kd_lightning.summary import mean_std
+from kd_lightning.workflows.regimes import REGIMES, run_regime
+from kd_lightning.workflows.stage import StageResult, run_stage
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kd_lightning.pipeline import StageResult, run_stage  # noqa: E402
-from kd_lightning.summary import mean_std  # noqa: E402
-
 CONFIGS = ROOT / "configs" / "fashion_mnist"
-REGIMES = {"full": [], "transfer10": ["--data.init_args.train_fraction=0.1", "--trainer.max_epochs=30"]}
 
 
 def report(regime: str, seeds: list[int], alone: list[StageResult], distilled: list[StageResult]) -> None:
@@ -47,36 +44,6 @@ def report(regime: str, seeds: list[int], alone: list[StageResult], distilled: l
             f"| {100 * y.metrics['test/agreement']:.2f} | {x.fit_seconds:.0f} / {y.fit_seconds:.0f} |"
         )
     print(f"| mean ± std | {mean_std(a)} | {mean_std(d)} | {mean_std(gains)} | | |", flush=True)
-
-
-def run_regime(
-    regime: str,
-    seeds: list[int],
-    teacher: StageResult,
-    workdir: Path,
-    overrides: list[str] = (),
-    force: bool = False,
-) -> tuple[list[StageResult], list[StageResult]]:
-    """The students of one regime, alone and distilled, one per seed; finished runs are reused.
-
-    scripts/reproduce.py calls this too, so the two scripts share (and never retrain) these runs."""
-    # One store for every distilled run: the teacher runs once for the whole benchmark.
-    store = workdir / "runs" / "benchmark_kd" / "soft_targets"
-    from_store = [
-        f"--trainer.callbacks.path={store}",
-        f"--trainer.callbacks.teacher_ckpt={teacher.checkpoint}",
-    ]
-    alone, distilled = [], []
-    for seed in seeds:
-        seed_dir = workdir / "runs" / "benchmark_kd" / regime / f"seed{seed}"
-        common = [f"--seed_everything={seed}", *REGIMES[regime], *overrides]
-        alone.append(run_stage(f"alone s{seed}", CONFIGS / "student.yaml", seed_dir, common, force))
-        distilled.append(
-            run_stage(
-                f"distilled s{seed}", CONFIGS / "distill_cached.yaml", seed_dir, [*common, *from_store], force
-            )
-        )
-    return alone, distilled
 
 
 def main() -> None:
@@ -101,13 +68,16 @@ def main() -> None:
     results = {}
     for regime in args.regimes:
         alone, distilled = run_regime(regime, args.seeds, teacher, workdir, args.overrides, args.force)
-        results[regime] = {"alone": [asdict(r) for r in alone], "distilled": [asdict(r) for r in distilled]}
+        results[regime] = {
+            "alone": [r.record() for r in alone],
+            "distilled": [r.record() for r in distilled],
+        }
         report(regime, args.seeds, alone, distilled)
     print(
         f"\nteacher: {100 * teacher.test_acc:.2f}% test accuracy; wall time: {time.perf_counter() - start:.0f} s"
     )
     out = workdir / "runs" / "benchmark_kd" / "results.json"
-    out.write_text(json.dumps({"teacher": asdict(teacher), **results}, indent=2))
+    out.write_text(json.dumps({"teacher": teacher.record(), **results}, indent=2))
 
 
 if __name__ == "__main__":

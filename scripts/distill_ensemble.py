@@ -6,7 +6,7 @@
 Hinton et al. (2015, section 4) distilled 10 models that differed only in their initialisation into one
 model of the same size and kept over 80% of the ensemble's gain. Here: 4 members of
 configs/fashion_mnist/member.yaml (MLP 512-512, 10 epochs, seeds 0-3; trained by
-:func:`kd_lightning.pipeline.train_members`, reused from scripts/study_ensembles.py when it ran with the
+:func:`kd_lightning.workflows.members.train_members`, reused from scripts/study_ensembles.py when it ran with the
 same overrides), their mean-of-probabilities ensemble, and students with the members' architecture,
 recipe and budget trained by configs/fashion_mnist/distill_ensemble.yaml on the ensemble's soft targets
 (filled once into a soft-target store). The members are the students' baseline: same network, same
@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule
+from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits
+from kd_lightning.summary import mean_std
+from kd_lightning.workflows.members import seed_overrides, train_members
+from kd_lightning.workflows.stage import run_stage
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
-from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
-from kd_lightning.pipeline import run_stage, seed_overrides, train_members  # noqa: E402
-from kd_lightning.summary import mean_std  # noqa: E402
-
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 MEMBERS_OUT = "runs/fashion_mnist/members/member"
 
@@ -47,7 +45,6 @@ def main() -> None:
     overrides = list(args.overrides)
     if args.quick:
         overrides += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=50"]
-    sys.argv = sys.argv[:1]  # LightningCLI warns when it sees this script's arguments
     start = time.perf_counter()
 
     members = train_members(

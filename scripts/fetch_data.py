@@ -10,11 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kd_lightning.datamodules import FashionMNIST  # noqa: E402
+from kd_lightning.datamodules import FashionMNIST
 
 
 def present() -> bool:

@@ -21,23 +21,19 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
+from kd_lightning.costs import forward_flops
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule
+from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits
+from kd_lightning.modules import load_teacher
+from kd_lightning.specialists import load_specialist
+from kd_lightning.workflows.members import train_members
+from kd_lightning.workflows.specialists import format_report, train_specialists
+from kd_lightning.workflows.stage import own_argv, run_stage, working_directory
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train_specialists as ts  # noqa: E402
-
-from kd_lightning.costs import forward_flops  # noqa: E402
-from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
-from kd_lightning.ensemble import Ensemble, classification_metrics, predict_logits  # noqa: E402
-from kd_lightning.modules import load_teacher  # noqa: E402
-from kd_lightning.pipeline import run_stage, train_members, working_directory  # noqa: E402
-from kd_lightning.specialists import load_specialist  # noqa: E402
-
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 # This job's budget (epochs): the whole job within 15 minutes on a 2-core CPU.
 EPOCHS = {"teacher": 5, "student": 8, "member": 4, "specialist": 1}
@@ -68,7 +64,6 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="recompute stages that already finished")
     parser.add_argument("overrides", nargs="*", help="kd arguments for every stage, after --")
     args = parser.parse_args()
-    sys.argv = sys.argv[:1]  # LightningCLI warns when it sees this script's arguments
     wd, ov, force = Path(args.workdir).resolve(), list(args.overrides), args.force
     wd.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -131,18 +126,20 @@ def main() -> None:
 
         validate = ["--config", str(CONFIGS / "generalist.yaml"), "--ckpt_path", generalist, *ov]
         _say("generalist.yaml", validate[2:], wd, "validate")  # --ckpt_path: the teacher's checkpoint
-        with working_directory(wd):
+        with working_directory(wd), own_argv():
             kd(["validate", *validate])
     print("\n=== specialists: python scripts/train_specialists.py --config configs/fashion_mnist/specialist.yaml "
           f"--evaluate -- --trainer.max_epochs={EPOCHS['specialist']}", flush=True)  # fmt: skip
-    spec = ts.main(
-        ["--config", str(CONFIGS / "specialist.yaml"), "--workdir", str(wd), "--evaluate", *(["--force"] if force else []),
-         "--", f"--trainer.max_epochs={EPOCHS['specialist']}", *ov]
+    spec = train_specialists(
+        CONFIGS / "specialist.yaml", workdir=wd, evaluate=True, force=force,
+        overrides=[f"--trainer.max_epochs={EPOCHS['specialist']}", *ov],
     )  # fmt: skip
+    print("\n" + format_report(spec["report"]))
+    print(f"Table 4 picture: {spec['picture']}")
     report = spec["report"]
-    spec_seconds = sum(s.get("fit_seconds", 0.0) for s in spec["specialists"])
+    spec_seconds = sum(s.fit_seconds for s in spec["specialists"])
     spec_params = teacher.params + sum(
-        sum(p.numel() for p in load_specialist(s["checkpoint"]).net.parameters()) for s in spec["specialists"]
+        sum(p.numel() for p in load_specialist(s.checkpoint).net.parameters()) for s in spec["specialists"]
     )
     row(f"generalist + {len(spec['specialists'])} specialists (KL combination)", report["acc"]["kl"], spec_params,
         int(report["cost"] * _flops(generalist)), spec_seconds)  # fmt: skip

@@ -5,7 +5,7 @@
 
 Single MLPs (two hidden layers of width W) at several widths, and ensembles of 1 to 4 members at the
 smaller widths, all with member.yaml's recipe (10 epochs). Members differ by seed only and are trained
-by :func:`kd_lightning.pipeline.train_members` (finished members are reused, also by
+by :func:`kd_lightning.workflows.members.train_members` (finished members are reused, also by
 scripts/distill_ensemble.py). Each ensemble size k is scored on every k-subset of the 4 members (mean ±
 std over subsets), combined by the mean of probabilities. FLOPs come from PyTorch's FLOP counter,
 latency is the median time of one forward pass over a batch of 256 on this machine, measured in this run.
@@ -21,22 +21,19 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kd_lightning.costs import forward_flops, measure_latency
+from kd_lightning.datamodules import FashionMNIST, IndexedDataModule
+from kd_lightning.ensemble import Ensemble, classification_metrics, combine_logits, predict_logits
+from kd_lightning.modules import load_teacher
+from kd_lightning.plots import pareto_front, plot_accuracy_vs_cost
+from kd_lightning.workflows.members import train_members
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kd_lightning.costs import forward_flops, measure_latency  # noqa: E402
-from kd_lightning.datamodules import FashionMNIST, IndexedDataModule  # noqa: E402
-from kd_lightning.ensemble import Ensemble, classification_metrics, combine_logits, predict_logits  # noqa: E402
-from kd_lightning.modules import load_teacher  # noqa: E402
-from kd_lightning.pipeline import train_members  # noqa: E402
-from kd_lightning.plots import pareto_front, plot_accuracy_vs_cost  # noqa: E402
-
 CONFIG = ROOT / "configs" / "fashion_mnist" / "member.yaml"
 CONFIG_WIDTH = 512  # member.yaml's own width: its members are the ones scripts/distill_ensemble.py uses
 HIDDEN = "model.init_args.net.init_args.hidden"
@@ -69,7 +66,6 @@ def main() -> None:
     if args.quick:
         args.ensemble_widths, args.single_widths, args.members = [32, 64], [128], 3
         overrides += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=50"]
-    sys.argv = sys.argv[:1]  # LightningCLI warns when it sees this script's arguments
     start = time.perf_counter()
 
     members: dict[int, list[str]] = {}

@@ -7,7 +7,8 @@
 
 Member ``k`` is ``kd fit --config CONFIG --seed_everything=SEED_BASE+k`` with its root, checkpoint and logs
 under ``OUT/member_<k>/`` (default ``OUT``: ``runs/<dataset>/members/<config name>``), followed by
-``kd test``; a finished member is reused unless ``--force``. ``--member K`` is what one task of a SLURM
+``kd test`` (:func:`kd_lightning.workflows.members.train_members`, also ``kd members``); a finished
+member is reused unless ``--force``. ``--member K`` is what one task of a SLURM
 array job runs (scripts/slurm/members.sbatch). Arguments after ``--`` go to every member, e.g.
 ``-- --trainer.max_epochs=1``. At the end the script prints each member's test accuracy and the
 ``kd test`` command that evaluates them as an ensemble.
@@ -17,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from kd_lightning.workflows.members import train_members
+from kd_lightning.workflows.stage import format_table
 
-from kd_lightning.pipeline import format_table, train_members  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_out(config: Path) -> Path:
@@ -65,8 +65,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--config: no file at {str(args.config)!r}")
     out = args.out or default_out(config)
 
-    # LightningCLI reads sys.argv when it warns; hide this script's own arguments from it.
-    sys.argv = sys.argv[:1]
     results = train_members(
         config, members, out, args.workdir, args.seed_base, vary, args.overrides, args.force, config.stem
     )

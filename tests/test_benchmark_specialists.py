@@ -1,13 +1,13 @@
-"""scripts/benchmark_specialists.py's pooling of the seeds' Table 4 rows."""
+"""The specialists benchmark's study (kd_lightning.workflows.specialist_study): pooling the seeds' Table 4
+rows, and grouping methods on planted hierarchies."""
 
 from __future__ import annotations
 
 import sys
 
 import pytest
-from conftest import load_script
 
-bs = load_script("benchmark_specialists")
+from kd_lightning.workflows import specialist_study as bs
 
 
 def _row(cover, count, gen, kl):
@@ -27,16 +27,14 @@ def test_pool_by_cover_sums_counts_and_weights_accuracies_by_them():
     assert pooled[1]["acc"]["kl"] == pytest.approx((30 * 0.7 + 10 * 0.3) / 40, rel=rel)
 
 
-def test_grouping_ari_table_has_every_method_and_seed(monkeypatch, capsys):
+def test_grouping_ari_table_has_every_method_and_seed():
     small = {"small": dict(num_classes=30, num_groups=5, min_size=2, max_size=10, samples_per_class=20)}
-    monkeypatch.setattr(bs, "PLANTED_SETTINGS", small)
-    rows = bs.grouping_ari([0, 1])
+    rows = bs.grouping_ari([0, 1], small)
     assert [(r["setting"], r["seed"]) for r in rows] == [("small", 0), ("small", 1)]
     assert all(list(r["ari"]) == list(bs.grouping_methods()) for r in rows)
     assert all(r["ari"]["spectral (default)"] >= 0.95 and sum(r["sizes"]) == 30 for r in rows)
     assert all(r["accuracy"] == 0.8 for r in rows)
-    bs.print_ari_table(rows)
-    lines = capsys.readouterr().out.splitlines()
+    lines = bs.format_ari_table(rows).splitlines()
     header = next(line for line in lines if line.startswith("| setting"))
     assert all(label in header for label in bs.grouping_methods())
     body = [line for line in lines if line.startswith("| small")]

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd_lightning.cli import main
 from kd_lightning.datamodules import FashionMNIST
-from kd_lightning.pipeline import train_members
+from kd_lightning.workflows.members import train_members
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -37,7 +37,7 @@ def kd_executable() -> str:
 
 def test_kd_help_lists_subcommands():
     out = subprocess.run([kd_executable(), "--help"], capture_output=True, text=True, check=True).stdout
-    for sub in ("fit", "validate", "test", "predict"):
+    for sub in ("fit", "validate", "test", "predict", "stage", "members", "specialists", "summary"):
         assert sub in out
     out = subprocess.run(
         [kd_executable(), "fit", "--help"], capture_output=True, text=True, check=True

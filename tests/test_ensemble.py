@@ -23,8 +23,8 @@ from kd_lightning.ensemble import (
 )
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
-from kd_lightning.pipeline import member_overrides, train_members
 from kd_lightning.store import SoftTargetStore
+from kd_lightning.workflows.members import member_overrides, train_members
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS32 = torch.finfo(torch.float32).eps
@@ -257,7 +257,7 @@ def test_each_student_seed_of_distill_ensemble_gets_its_own_checkpoint(tmp_path,
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from kd_lightning.cli import main
-    from kd_lightning.pipeline import seed_overrides
+    from kd_lightning.workflows.members import seed_overrides
 
     monkeypatch.chdir(tmp_path)
     config = str(ROOT / "configs/fashion_mnist/distill_ensemble.yaml")

@@ -11,7 +11,7 @@ import yaml
 
 from kd_lightning.callbacks.run_identity import read_run_record, run_directory
 from kd_lightning.cli import main
-from kd_lightning.pipeline import run_stage
+from kd_lightning.workflows.stage import run_stage
 
 
 def tiny_config(path: Path, checkpoint: dict | None = None) -> Path:

@@ -1,17 +1,15 @@
 """Specialists: the KL-combination solver against closed forms and a gradient-descent reference, the
-dustbin correction, the oversampler, initialisation from the generalist, the ensemble, bad inputs and
-the training script."""
+dustbin correction, the oversampler, initialisation from the generalist, the ensemble and bad inputs
+(the training workflow: tests/test_workflows.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
-from conftest import load_script
 from torch import nn
 from trainers import quiet_trainer
 
@@ -527,56 +525,3 @@ def test_kd_links_the_datas_group_into_the_model(tmp_path, monkeypatch):
     # The group is the data's to set: the link wins over a value given to the model.
     cli = main(["--config", "specialist.yaml", "--model.init_args.classes=[0]"], run=False)
     assert cli.model.group_classes == [5, 2]
-
-
-# ------------------------------------------------------------------------------------------ script
-
-
-def _script():
-    return load_script("train_specialists")
-
-
-CONFIG = """
-seed_everything: 1
-trainer:
-  max_steps: 3
-  accelerator: cpu
-  logger: false
-  enable_checkpointing: false
-  enable_progress_bar: false
-  enable_model_summary: false
-  limit_val_batches: 1
-model:
-  class_path: kd_lightning.specialists.SpecialistModule
-  init_args:
-    net: {class_path: kd_lightning.models.MLP, init_args: {hidden: [16]}}
-    groups_file: groups.json
-    generalist_ckpt: generalist.ckpt
-data:
-  class_path: kd_lightning.datamodules.specialist.SpecialistDataModule
-  init_args:
-    source:
-      class_path: kd_lightning.datamodules.Synthetic
-      init_args: {num_superclasses: 3, classes_per_superclass: 2, dim: 8, train_per_class: 40, test_per_class: 10}
-    batch_size: 32
-    eval_batch_size: 64
-    val_size: 40
-"""
-
-
-def test_train_specialists_script(trained, capsys):
-    d = trained["dir"]
-    (d / "specialist.yaml").write_text(CONFIG)
-    script = _script()
-    base = ["--config", str(d / "specialist.yaml"), "--workdir", str(d), "--out", str(d / "out")]
-    assert script.main([*base, "--count"]) == {"count": 2}
-    assert capsys.readouterr().out.strip() == "2"
-    one = script.main([*base, "--group", "1"])  # what one SLURM array task runs
-    assert [r["group"] for r in one["specialists"]] == [1] and (d / "out" / "group1.ckpt").is_file()
-    everything = script.main([*base, "--evaluate"])  # group 1 is reused, group 0 trained, then scored
-    assert [r["reused"] for r in everything["specialists"]] == [False, True]
-    report = json.loads((d / "out" / "report.json").read_text())
-    assert set(report["acc"]) == {"generalist", "kl", "average"} and report["groups"] == [[0, 1], [2, 3]]
-    assert "| generalist + specialists (KL) |" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"`group` must be in \[0, 2\)"):
-        script.main([*base, "--group", "5"])
