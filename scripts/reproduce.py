@@ -18,7 +18,7 @@ Experiments (the paper's MNIST/speech numbers are quoted from Hinton, Vinyals & 
    finished stages are reused).
 6. generalist + specialists: scripts/benchmark_specialists.py's planted-groups and Fashion-MNIST runs.
 
-The experiments themselves are library functions (:mod:`kd_lightning.reproduction`); this script
+The experiments themselves are library functions (:mod:`kd_lightning.workflows.reproduction`); this script
 runs them in order, with the recipes below, and writes the report. Teachers are checkpoints (the main
 job's stage, or a 1-D CNN fitted here with a ModelCheckpoint); the distilled students read the teacher's
 fp32 logits from soft-target stores that the SoftTargetCache callback builds once per training split,
@@ -42,7 +42,9 @@ from typing import Any
 from kd_lightning.datamodules import MNIST1D, ExtraTraining, FashionMNIST, IndexedDataModule
 from kd_lightning.ensemble import predict_logits
 from kd_lightning.models import CNN1D
-from kd_lightning.reproduction import (
+from kd_lightning.summary import mean_std
+from kd_lightning.workflows.regimes import run_regime
+from kd_lightning.workflows.reproduction import (
     Budget,
     SoftTargets,
     distillation_recipe,
@@ -54,8 +56,6 @@ from kd_lightning.reproduction import (
     temperature_sweep,
     transfer_set,
 )
-from kd_lightning.summary import mean_std
-from kd_lightning.workflows.regimes import run_regime
 from kd_lightning.workflows.specialist_study import (
     fashion_mnist_generalist,
     fashion_mnist_groups,
@@ -147,7 +147,8 @@ def ensembles(
 ) -> dict:
     """The members, ensemble and distilled students of scripts/distill_ensemble.py, reused when finished."""
     from kd_lightning.ensemble import Ensemble, classification_metrics
-    from kd_lightning.pipeline import run_stage, seed_overrides, train_members
+    from kd_lightning.workflows.members import seed_overrides, train_members
+    from kd_lightning.workflows.stage import run_stage
 
     print("ensembles: training (or reusing) the members of scripts/distill_ensemble.py ...", flush=True)
     ms = train_members(CONFIGS / "member.yaml", range(members), MEMBERS_OUT, workdir, overrides=overrides)
@@ -306,7 +307,7 @@ def _plot_bias(r: dict[str, Any], path: Path) -> Path:
 
 
 def _fmnist_teacher(workdir: Path, overrides: list[str]) -> Any:
-    from kd_lightning.pipeline import run_stage
+    from kd_lightning.workflows.stage import run_stage
 
     print(
         "Fashion-MNIST teacher: the main job's stage (reused when finished; else trained now) ...", flush=True

@@ -5,7 +5,7 @@
     python scripts/train_specialists.py --config configs/fashion_mnist/specialist.yaml --count    # how many
     python scripts/train_specialists.py --config configs/fashion_mnist/specialist.yaml --evaluate # then score
 
-Each specialist is ``kd fit --config CONFIG --model.init_args.group=G [overrides]`` run in-process
+Each specialist is ``kd fit --config CONFIG --data.init_args.group=G [overrides]`` run in-process
 (:func:`kd_lightning.workflows.specialists.train_specialists`, also ``kd specialists``); its checkpoint
 is ``OUT/group<G>.ckpt`` with ``OUT/group<G>.json`` beside it (test metrics, command), and a finished
 group is reused unless ``--force``. ``--group G`` is what one task of a SLURM array job runs

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,17 +16,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 # Tiny models gain nothing from intra-op threads, and on a busy machine waiting threads cost ~30x.
 torch.set_num_threads(1)
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    """``scripts/<name>.py`` as a module (registered in ``sys.modules``, so it can be monkeypatched)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class TinySource(ClassificationSource):

@@ -1,4 +1,4 @@
-"""The paper's experiments on tiny data (kd_lightning.reproduction): teacher checkpoint -> store -> students."""
+"""The paper's experiments on tiny data (kd_lightning.workflows.reproduction): teacher checkpoint -> store -> students."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import TinySource
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import kd_lightning.reproduction as repro
+import kd_lightning.workflows.reproduction as repro
 from kd_lightning.datamodules import MNIST1D, ExtraTraining, IndexedDataModule
 from kd_lightning.models import CNN1D, MLP
 from kd_lightning.modules import DistillationModule, load_teacher

@@ -202,17 +202,26 @@ def synthetic_run(
     checkpoints = []
     for g in range(len(groups.groups)):
         L.seed_everything(seed * 100 + g)
+        # The data owns the specialist's classes (read from the groups file); the model takes them from it.
+        sdata = SpecialistDataModule(
+            source,
+            batch_size=128,
+            eval_batch_size=1000,
+            val_size=1000,
+            groups_file=str(out / "groups.json"),
+            group=g,
+        )
         specialist = SpecialistModule(
             net,
             classes,
             shape,
+            classes=sdata.group_classes,
             groups_file=str(out / "groups.json"),
             group=g,
             generalist_ckpt=str(out / "generalist.ckpt"),
             soft_weight=soft_weight,
             optimizer=partial(torch.optim.AdamW, lr=1e-3),
         )
-        sdata = SpecialistDataModule(source, batch_size=128, eval_batch_size=1000, val_size=1000)
         trainer = L.Trainer(
             max_epochs=1 if quick else specialist_epochs, enable_checkpointing=False, **quiet, **limits
         )

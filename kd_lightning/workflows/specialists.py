@@ -1,6 +1,6 @@
 """Train the specialists of a groups file (Hinton et al. 2015, section 5) and score their combination.
 
-Specialist ``G`` is the stage ``kd fit --config CONFIG [overrides] --model.init_args.group=G`` followed by
+Specialist ``G`` is the stage ``kd fit --config CONFIG [overrides] --data.init_args.group=G`` followed by
 ``kd test`` (:func:`~kd_lightning.workflows.stage.run_stage`); its checkpoint is ``OUT/group<G>.ckpt`` with
 its record ``OUT/group<G>.json`` beside it (test metrics, command, classes, dustbin correction), and its
 run (logs, step-wise checkpoints) lives under ``OUT/group<G>/``. A finished group is reused unless
@@ -26,7 +26,7 @@ from jsonargparse import Namespace
 from kd_lightning.clustering import ClassGroups
 from kd_lightning.workflows.stage import StageResult, own_argv, run_stage, working_directory
 
-GROUPS_ARG = "--model.init_args.groups_file"
+GROUPS_ARG = "--data.init_args.groups_file"
 GENERALIST_ARG = "--model.init_args.generalist_ckpt"
 
 
@@ -46,9 +46,9 @@ def groups_of(
     Raises:
         ValueError: the config names no groups file.
     """
-    path = specialist_config(config, overrides).model.init_args.groups_file
+    path = specialist_config(config, overrides).data.init_args.groups_file
     if path is None:
-        raise ValueError(f"`config` {config}: no model.init_args.groups_file (give it, or `groups_file`).")
+        raise ValueError(f"`config` {config}: no data.init_args.groups_file (give it, or `groups_file`).")
     path = Path(path) if Path(path).is_absolute() else Path(workdir) / path
     return path, ClassGroups.load(path)
 
@@ -141,7 +141,7 @@ def train_specialist(
         group: the group (an index into the groups file).
         out: directory of ``group<G>.ckpt`` and its record ``group<G>.json`` (relative to ``workdir``).
         workdir: where relative paths resolve.
-        overrides: ``kd`` arguments of the run (before ``--model.init_args.group=G``).
+        overrides: ``kd`` arguments of the run (before ``--data.init_args.group=G``).
         force: retrain even if finished.
 
     Returns:
@@ -154,7 +154,7 @@ def train_specialist(
         f"specialist {group}",
         config,
         workdir,
-        [*overrides, f"--model.init_args.group={group}"],
+        [*overrides, f"--data.init_args.group={group}"],
         force,
         checkpoint=out / f"group{group}.ckpt",
         run_args=[f"--trainer.default_root_dir={out / f'group{group}'}"],
@@ -292,7 +292,7 @@ def train_specialists(
     Args:
         config: a specialist config (``kd`` YAML), e.g. configs/fashion_mnist/specialist.yaml.
         group: train only this group (one task of a SLURM array job); default: every group.
-        groups_file: instead of the config's ``model.init_args.groups_file``.
+        groups_file: instead of the config's ``data.init_args.groups_file``.
         out: checkpoint directory (relative to ``workdir``); default: the config's ``trainer.default_root_dir``.
         workdir: where relative paths resolve.
         evaluate: after training, combine the generalist with every specialist in ``out`` on the test split;
