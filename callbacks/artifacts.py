@@ -35,6 +35,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from kd_lightning.callbacks.confusion_clustering import ConfusionClustering
+from kd_lightning.callbacks.soft_target_cache import SoftTargetCache
 from kd_lightning.loggers import wandb_loggers, wandb_run
 from kd_lightning.store import HEADER, file_sha256, read_header
 
@@ -112,9 +114,9 @@ class ArtifactLogger(Callback):
         import wandb
 
         inputs: dict[str, Any] = {}
-        hparams = dict(getattr(pl_module, "hparams", {}) or {})
+        hparams = dict(pl_module.hparams)
         used: list[wandb.Artifact] = []
-        caches = [cb for cb in trainer.callbacks if type(cb).__name__ == "SoftTargetCache"]
+        caches = [cb for cb in trainer.callbacks if isinstance(cb, SoftTargetCache)]
         teacher = hparams.get("teacher_ckpt") or next(
             (c.teacher_ckpt for c in caches if c.teacher_ckpt), None
         )
@@ -166,7 +168,7 @@ class ArtifactLogger(Callback):
                             self._file_artifact(artifact_name("model", path), "model", path, meta)
                         )
         if self.soft_targets:
-            for cache in [cb for cb in trainer.callbacks if type(cb).__name__ == "SoftTargetCache"]:
+            for cache in [cb for cb in trainer.callbacks if isinstance(cb, SoftTargetCache)]:
                 for split in cache.build_stats:
                     store = Path(cache.path) / split
                     if (store / HEADER).is_file():
@@ -183,9 +185,9 @@ class ArtifactLogger(Callback):
         import wandb
 
         for cb in trainer.callbacks:
-            output = getattr(cb, "output", None)
-            if type(cb).__name__ != "ConfusionClustering" or output is None or not Path(output).is_file():
+            if not (isinstance(cb, ConfusionClustering) and cb.output.is_file()):
                 continue
+            output = cb.output
             artifact = wandb.Artifact(artifact_name("class-groups", output), type="class-groups")
             artifact.add_file(str(output))
             picture = Path(output).with_suffix(".png")

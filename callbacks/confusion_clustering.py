@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from kd_lightning.cache.protocols import CacheDataModule
 from kd_lightning.clustering import (
     MATRICES,
     ClassGroups,
@@ -21,7 +22,7 @@ from kd_lightning.clustering import (
     drop_duplicate_groups,
     drop_small_groups,
 )
-from kd_lightning.contracts import Batch, EvalOutput, check_eval_output
+from kd_lightning.contracts import Batch, EvalOutput, NamedClasses, check_eval_output
 
 
 class ConfusionClustering(L.Callback):
@@ -187,8 +188,10 @@ class ConfusionClustering(L.Callback):
                 f"ConfusionClustering: every group of {partition} is smaller than `min_specialist_size`="
                 f"{self.min_specialist_size}; lower it or cluster into fewer groups (`num_groups`)."
             )
-        datamodule = getattr(trainer, "datamodule", None)
-        names = list(getattr(datamodule, "class_names", None) or [str(c) for c in range(num_classes)])
+        datamodule = trainer.datamodule
+        names = [str(c) for c in range(num_classes)]
+        if isinstance(datamodule, NamedClasses) and datamodule.class_names:
+            names = list(datamodule.class_names)
         source: dict[str, Any] = {
             "model": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
@@ -196,7 +199,7 @@ class ConfusionClustering(L.Callback):
             "global_step": trainer.global_step,
             "partition": partition,
         }
-        if hasattr(datamodule, "fingerprint"):
+        if isinstance(datamodule, CacheDataModule):
             source["data"] = datamodule.fingerprint("val")
         method = {
             "matrix": self.matrix,

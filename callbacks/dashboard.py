@@ -43,7 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from typing_extensions import override
 
 from kd_lightning.calibration import ConfidenceBins, calibration_error
-from kd_lightning.contracts import Batch, EvalOutput, check_eval_output
+from kd_lightning.contracts import Batch, EvalOutput, NamedClasses, check_eval_output
 from kd_lightning.losses import soft_target_loss
 from kd_lightning.plots import plot_confusion_matrix, plot_per_class_accuracy, plot_reliability
 
@@ -225,8 +225,8 @@ class DistillationDashboard(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        datamodule = getattr(trainer, "datamodule", None)
-        names = list(getattr(datamodule, "class_names", None) or [])
+        datamodule = trainer.datamodule
+        names = datamodule.class_names if isinstance(datamodule, NamedClasses) else []
         self._names = [str(n) for n in names]
 
     def _draw(self, trainer: L.Trainer, drawings: dict[str, Any], out: Path) -> None:

@@ -9,8 +9,9 @@ activations) at a cost in logits that the soft targets at ``T > 1`` barely notic
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -19,7 +20,20 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from kd_lightning.cache.protocols import TeacherCarrier
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@runtime_checkable
+class DDPIgnoring(Protocol):
+    """A module already told which parameters and buffers DDP leaves alone.
+
+    ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model`` records the names in this
+    attribute, and DDP reads them from it when it wraps the module.
+    """
+
+    _ddp_params_and_buffers_to_ignore: Collection[str]
 
 
 class PlacedTeacher(nn.Module):
@@ -131,15 +145,16 @@ class TeacherPlacement(L.Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        teacher = getattr(pl_module, "teacher", None)
-        if isinstance(teacher, PlacedTeacher):
-            pl_module.teacher = teacher.module
+        if isinstance(pl_module, TeacherCarrier) and isinstance(pl_module.teacher, PlacedTeacher):
+            pl_module.teacher = pl_module.teacher.module
 
     def _teacher(self, pl_module: L.LightningModule) -> nn.Module | None:
-        if not hasattr(pl_module, "teacher"):
+        if not isinstance(pl_module, TeacherCarrier):
             raise TypeError(
-                "TeacherPlacement needs a LightningModule with a `teacher` attribute (e.g. "
-                f"kd_lightning.modules.DistillationModule), got {type(pl_module).__name__}."
+                "TeacherPlacement needs a LightningModule with a `teacher` attribute (a "
+                "kd_lightning.cache.TeacherCarrier, e.g. kd_lightning.modules.DistillationModule; on Python "
+                "3.12+ a module whose teacher is a submodule declares it by subclassing TeacherCarrier), "
+                f"got {type(pl_module).__name__}."
             )
         teacher = pl_module.teacher
         # Placed already by an earlier stage of the same module: place the original again.
@@ -168,11 +183,11 @@ class TeacherPlacement(L.Callback):
         # (another callback's, or the user's) are kept.
         names = {n for n, _ in pl_module.named_parameters() if n.startswith("teacher.")}
         names |= {n for n, _ in pl_module.named_buffers() if n.startswith("teacher.")}
-        names |= set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
+        if isinstance(pl_module, DDPIgnoring):
+            names |= set(pl_module._ddp_params_and_buffers_to_ignore)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(pl_module, sorted(names))
 
     @staticmethod
     def _to_device(pl_module: L.LightningModule) -> None:
-        teacher = getattr(pl_module, "teacher", None)
-        if isinstance(teacher, nn.Module):
-            teacher.to(pl_module.device)
+        if isinstance(pl_module, TeacherCarrier) and isinstance(pl_module.teacher, nn.Module):
+            pl_module.teacher.to(pl_module.device)

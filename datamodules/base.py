@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
+from kd_lightning.contracts import NamedClasses
 from kd_lightning.datamodules.resumable import ResumableLoader
 from kd_lightning.datamodules.transforms import Transform, replay_seed
 
@@ -186,12 +187,13 @@ def targets_hash(targets: Tensor) -> str:
     return hashlib.sha256(targets.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-class IndexedDataModule(L.LightningDataModule, CacheDataModule, EpochSetting, LoaderOptions):
+class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, EpochSetting, LoaderOptions):
     """Train/validation/test loaders over one :class:`ClassificationSource`.
 
     It is what the soft-target cache needs from data (:mod:`kd_lightning.cache.protocols`): a
     ``CacheDataModule`` (``<split>_set``, :meth:`fingerprint`, ``num_classes``), with
-    :meth:`set_epoch` and loader settings.
+    :meth:`set_epoch` and loader settings; and it names its classes
+    (:class:`~kd_lightning.contracts.NamedClasses`, read by the dashboard and the clustering).
 
     The validation split is carved from the training file with its own seed (``split_seed``), so it
     is the same for every run, model and process.

@@ -3,11 +3,18 @@
 A batch is a dict whose keys are fixed here (:class:`Batch`); every module's ``validation_step`` and
 ``test_step`` return an :class:`EvalOutput` that callbacks (dashboard, clustering) read instead of
 running the model again. docs/architecture.md shows where each key is set and read.
+
+Two small runtime-checkable protocols name what is read off a DataModule or a network where one may
+offer it: the names of its classes (:class:`NamedClasses`) and the shape of one input
+(:class:`HasInputShape`). ``isinstance`` with them sees that the member exists, not its type; on
+Python 3.12+ it looks the member up statically (``inspect.getattr_static``), so it must be a plain
+attribute or a property, not a submodule that ``nn.Module.__getattr__`` finds.
 """
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Sequence
+from typing import Protocol, TypedDict, runtime_checkable
 
 from torch import Tensor
 
@@ -53,6 +60,35 @@ class EvalOutput(TypedDict):
     logits: Tensor
     target: Tensor
     teacher_logits: NotRequired[Tensor]
+
+
+@runtime_checkable
+class NamedClasses(Protocol):
+    """Data that names its classes, e.g. ``kd_lightning.datamodules.IndexedDataModule``.
+
+    Attributes:
+        class_names: one name per class, in class-id order.
+
+    Example:
+        >>> class Names:
+        ...     class_names = ["cat", "dog"]
+        >>> isinstance(Names(), NamedClasses), isinstance(object(), NamedClasses)
+        (True, False)
+    """
+
+    @property
+    def class_names(self) -> Sequence[str]: ...
+
+
+@runtime_checkable
+class HasInputShape(Protocol):
+    """A network or module that records the shape of one input (``None`` where it does not know it).
+
+    Attributes:
+        input_shape: shape of one input without the batch dimension, e.g. ``(1, 28, 28)``.
+    """
+
+    input_shape: tuple[int, ...] | None
 
 
 def check_eval_output(outputs: object, module: object, reader: str) -> None:

@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lightning.calibration import ECE_BINS, calibration_error, expected_calibration_error
-from kd_lightning.contracts import Batch, EvalOutput
+from kd_lightning.contracts import Batch, EvalOutput, HasInputShape
 from kd_lightning.costs import forward_flops
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.modules import ClassifierBase, load_teacher, teacher_num_classes
@@ -165,7 +165,11 @@ def _load_member(i: int, path: str) -> nn.Module:
 
 
 def _common_input_shape(members: Sequence[nn.Module], given: tuple[int, ...] | None) -> tuple[int, ...]:
-    shapes = {i: tuple(m.input_shape) for i, m in enumerate(members) if getattr(m, "input_shape", None)}
+    shapes: dict[int | str, tuple[int, ...]] = {
+        i: tuple(m.input_shape)
+        for i, m in enumerate(members)
+        if isinstance(m, HasInputShape) and m.input_shape
+    }
     if given is not None:
         shapes = {**shapes, "input_shape": tuple(given)}
     if not shapes:

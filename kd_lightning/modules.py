@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from kd_lightning.cache.protocols import ClassCount, TeacherCarrier
 from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.objectives import HintonKD, Objective
@@ -211,7 +212,9 @@ class ClassifierModule(ClassifierBase):
         return loss
 
 
-class DistillationModule(FrozenNetworks, ClassifierBase):
+# TeacherCarrier is subclassed, not only matched: on Python 3.12+ ``isinstance`` with a protocol looks
+# members up statically, and a teacher held as a submodule is not found that way.
+class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
     """Train a student on a frozen teacher's soft targets (and the hard labels).
 
     The teacher is frozen by construction (:class:`~kd_lightning.frozen.FrozenNetworks`): it is in eval
@@ -360,10 +363,15 @@ def stage_metrics(num_classes: int, agreement: bool) -> nn.ModuleDict:
 
 
 def teacher_num_classes(teacher: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Number of logits ``teacher`` produces, read from ``num_classes`` or from one dummy forward pass."""
-    classes = getattr(teacher, "num_classes", None)
-    if isinstance(classes, int):
-        return classes
+    """Number of logits ``teacher`` produces: its ``num_classes`` where it records one (a
+    :class:`~kd_lightning.cache.protocols.ClassCount` with an integer), else from one dummy forward pass.
+
+    Example:
+        >>> teacher_num_classes(nn.Linear(4, 3), (4,))  # no ``num_classes``: one forward pass
+        3
+    """
+    if isinstance(teacher, ClassCount) and isinstance(teacher.num_classes, int):
+        return teacher.num_classes
     param = next(teacher.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     with torch.no_grad():

@@ -335,6 +335,32 @@ def test_overlap_that_makes_equal_groups_keeps_one(tmp_path, six_classes):
     assert len(groups.source["partition"]) == 2
 
 
+class Unnamed(L.LightningDataModule):
+    """The validation data of another DataModule, without class names or a fingerprint."""
+
+    def __init__(self, inner: L.LightningDataModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def setup(self, stage: str) -> None:
+        self.inner.setup(stage)
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+
+def test_groups_file_names_classes_and_data_when_the_datamodule_can(tmp_path, six_classes):
+    model, data = six_classes
+    named = ConfusionClustering(2, str(tmp_path / "named.json"), min_specialist_size=1, plot=False)
+    quiet_trainer(tmp_path, callbacks=[named]).validate(model, data, verbose=False)
+    groups = ClassGroups.load(tmp_path / "named.json")
+    assert groups.class_names == data.class_names and groups.source["data"] == data.fingerprint("val")
+    unnamed = ConfusionClustering(2, str(tmp_path / "unnamed.json"), min_specialist_size=1, plot=False)
+    quiet_trainer(tmp_path, callbacks=[unnamed]).validate(model, Unnamed(data), verbose=False)
+    groups = ClassGroups.load(tmp_path / "unnamed.json")
+    assert groups.class_names == [str(c) for c in range(6)] and "data" not in groups.source
+
+
 class CountBatches(L.Callback):
     def __init__(self) -> None:
         self.batches = 0

@@ -113,6 +113,25 @@ def test_classifier_dashboard_has_no_teacher_keys(tmp_path, tiny_dm, trainer_fac
     ]
 
 
+def test_classes_are_numbered_when_the_datamodule_names_none(tmp_path, tiny_dm, trainer_factory):
+    class Unnamed(L.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_dm()
+
+        def setup(self, stage: str) -> None:
+            self.inner.setup(stage)
+
+        def val_dataloader(self):
+            return self.inner.val_dataloader()
+
+    dash = DistillationDashboard(dirpath=str(tmp_path))
+    trainer = trainer_factory(callbacks=[dash])
+    trainer.validate(ClassifierModule(STUDENT_NET, 4, SHAPE), Unnamed(), verbose=False)
+    keys = {k for k in dashboard_values(trainer.callback_metrics) if "class_acc/" in k}
+    assert keys == {f"student_class_acc/{c}_{c}" for c in range(4)}, sorted(keys)
+
+
 def test_sanity_check_is_not_logged_and_history_keeps_each_epoch(tmp_path, tiny_dm, trainer_factory):
     dash = DistillationDashboard(dirpath=str(tmp_path), keep_history=True, every_n_epochs=2)
     trainer = trainer_factory(max_epochs=3, limit_train_batches=1, num_sanity_val_steps=1, callbacks=[dash])

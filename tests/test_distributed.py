@@ -7,6 +7,7 @@ subprocess (see docs/architecture.md, pitfalls).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -21,10 +22,12 @@ import torch
 import yaml
 from conftest import TinySource
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from trainers import quiet_trainer
 
+from kd_lightning.cache.protocols import TeacherCarrier
 from kd_lightning.callbacks import TeacherPlacement
-from kd_lightning.callbacks.teacher_placement import PlacedTeacher
+from kd_lightning.callbacks.teacher_placement import DDPIgnoring, PlacedTeacher
 from kd_lightning.datamodules import IndexedDataModule, Synthetic
 from kd_lightning.losses import soft_target_loss
 from kd_lightning.models import MLP, SmallCNN
@@ -257,6 +260,37 @@ def test_placement_leaves_cache_served_modules_alone_and_refuses_classifiers(tmp
         ValueError, match=r"`dtype` must be one of \['bfloat16', 'float16'\] or None, got 'fp8'"
     ):
         TeacherPlacement(dtype="fp8")
+
+
+def test_placement_hooks_pass_over_modules_without_a_teacher(tmp_path):
+    """Moving, unwrapping: modules that carry no teacher (or carry None) are left as they are."""
+    placement, trainer = TeacherPlacement(), quiet_trainer(tmp_path)
+    classifier = ClassifierModule(partial(MLP, hidden=(8,)), 4, SHAPE)
+    student_only = DistillationModule(partial(MLP, hidden=(8,)), 4, SHAPE)
+    for module in (classifier, student_only):
+        placement.on_fit_start(trainer, module)
+        placement.teardown(trainer, module, "fit")
+    assert student_only.teacher is None and not isinstance(classifier, TeacherCarrier)
+
+
+def test_placement_keeps_earlier_ddp_ignore_entries(tmp_path):
+    module = make_module()
+    assert not isinstance(module, DDPIgnoring)  # nothing set yet: only the teacher's names go in
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ["net.extra"])
+    assert isinstance(module, DDPIgnoring)
+    TeacherPlacement().setup(quiet_trainer(tmp_path), module, "fit")
+    ignored = set(module._ddp_params_and_buffers_to_ignore)
+    assert "net.extra" in ignored and {n for n in ignored if n.startswith("teacher.")}
+
+
+def test_distillation_module_declares_its_teacher():
+    """A teacher held as a submodule is invisible to `inspect.getattr_static`, which Python 3.12+'s
+    protocol `isinstance` uses: the module is a TeacherCarrier by subclassing, on every version."""
+    module = make_module()
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(module, "teacher")
+    assert TeacherCarrier in DistillationModule.__mro__
+    assert isinstance(module, TeacherCarrier)
 
 
 # ---------------------------------------------------------------------------------------------

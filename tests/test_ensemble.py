@@ -211,6 +211,18 @@ def test_bad_members_are_clear_errors(tmp_path):
         Ensemble(checkpoints=[str(tmp_path / "missing.ckpt")])
 
 
+def test_members_without_an_input_shape_take_the_given_one():
+    """A member that does not record its input shape (or records None) defers to the others / the argument."""
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    unknown = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    unknown.input_shape = None
+    recorded = ClassifierModule(partial(MLP, hidden=(8,)), 3, (1, 8, 8))
+    assert Ensemble(members=[plain, unknown, recorded]).input_shape == (1, 8, 8)
+    assert Ensemble(members=[plain, unknown], input_shape=(64,)).input_shape == (64,)
+    with pytest.raises(ValueError, match="`input_shape` is needed"):
+        Ensemble(members=[plain, unknown])
+
+
 def test_ensemble_module_checks_the_data_classes(tmp_path, tiny_dm, trainer_factory):
     ckpt = _tiny_member(tmp_path, tiny_dm, trainer_factory, seed=0)
     with pytest.raises(ValueError, match="output 4 classes but `num_classes` \\(from the data\\) is 10"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kd_lightning.models import MLP, SmallCNN
-from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher
+from kd_lightning.modules import ClassifierModule, DistillationModule, load_teacher, teacher_num_classes
 from kd_lightning.objectives import HintonKD
 
 SHAPE = (1, 8, 8)
@@ -200,3 +200,20 @@ def test_evaluation_steps_return_the_eval_output(tiny_dm):
     # A teacher's outputs served with the batch are returned as given.
     served = student.validation_step({**batch, "teacher_logits": torch.ones(batch["target"].shape[0], 4)}, 0)
     assert torch.equal(served["teacher_logits"], torch.ones(batch["target"].shape[0], 4))
+
+
+def test_teacher_num_classes_reads_a_class_count_or_runs_the_teacher():
+    calls = []
+
+    class Counted(torch.nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    recorded = Counted(5, 3)
+    recorded.num_classes = 3
+    assert teacher_num_classes(recorded, (5,)) == 3 and calls == []  # a ClassCount: no forward pass
+    unknown = Counted(5, 7)
+    unknown.num_classes = None  # not an integer: the forward pass decides
+    assert teacher_num_classes(unknown, (5,)) == 7 and calls == [1]
+    assert teacher_num_classes(Counted(5, 2), (5,)) == 2 and calls == [1, 1]  # no `num_classes` at all

@@ -100,7 +100,12 @@ class LoaderOptions(Protocol):
 
 @runtime_checkable
 class TeacherCarrier(Protocol):
-    """A model that carries the teacher it distils from (``None`` when its soft targets come from a store)."""
+    """A model that carries the teacher it distils from (``None`` when its soft targets come from a store).
+
+    A LightningModule holds its teacher as a submodule, which Python 3.12+'s ``isinstance`` with a protocol
+    (``inspect.getattr_static``) does not see: such a module subclasses this protocol explicitly, as
+    ``kd_lightning.modules.DistillationModule`` does.
+    """
 
     teacher: nn.Module | None
 
