@@ -13,7 +13,7 @@ import pytest
 from test_run_dir import tiny_config
 from trainers import quiet_trainer
 
-from kd_lightning.cli import console
+from kd_lightning.cli import console, main
 from kd_lightning.clustering import ClassGroups
 from kd_lightning.datamodules import IndexedDataModule, Synthetic
 from kd_lightning.models import MLP
@@ -21,7 +21,7 @@ from kd_lightning.modules import ClassifierModule
 from kd_lightning.summary import summarize
 from kd_lightning.workflows import WORKFLOWS, resolve
 from kd_lightning.workflows.specialists import count_specialists, format_report, train_specialists
-from kd_lightning.workflows.stage import StageResult, run_stage
+from kd_lightning.workflows.stage import StageResult, run_stage, working_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every workflow but fill-store, whose module is written apart: the dispatch must not need it to exist.
@@ -107,6 +107,12 @@ def test_kd_stage_runs_a_config_and_reuses_it(tmp_path, capsys):
         and first["command"].endswith("--trainer.max_epochs=1")
     )
     assert Path(first["checkpoint"]) == tmp_path / "runs/a/seed5/checkpoints/final.ckpt"
+    # The record keeps the last validation epoch's metrics, those of the saved model: what choices between
+    # stages are made on (test metrics are for reporting only).
+    with working_directory(tmp_path):
+        validated = main(["validate", "--config", str(config), "--ckpt_path", first["checkpoint"]])
+    assert first["metrics"]["val/acc"] == float(validated.trainer.callback_metrics["val/acc"])
+    assert {"val/loss", "test/acc", "test/loss"} <= first["metrics"].keys()
     # The same command from Python is the same stage: reused.
     again = run_stage("tiny", config, tmp_path, ["--trainer.max_epochs=1"])
     assert again.reused and again.checkpoint == first["checkpoint"] and again.test_acc == first["test_acc"]

@@ -37,7 +37,8 @@ class StageResult:
         test_acc: ``test/acc`` of the fitted model.
         params: parameters of the model's network (``model.net``).
         fit_seconds: wall-clock seconds of the fit.
-        metrics: every test metric.
+        metrics: every metric of the last validation epoch (``val/...``; what choices between stages are
+            made on) and of the test (``test/...``).
         reused: whether the stage was read back instead of run.
         details: what the caller recorded besides (see ``run_stage``'s ``details``).
     """
@@ -226,6 +227,8 @@ def run_stage(
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=last)
         fit_seconds = time.perf_counter() - start
+        # The last validation epoch's metrics: those of the fitted model, on which stages are compared.
+        validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         if checkpoint is not None:
             cli.trainer.save_checkpoint(target)  # collective; rank 0 writes
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
@@ -236,7 +239,7 @@ def run_stage(
             test_acc=float(metrics["test/acc"]),
             params=sum(p.numel() for p in cli.model.net.parameters()),
             fit_seconds=round(fit_seconds, 1),
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics={**validation, **{k: float(v) for k, v in metrics.items()}},
             details={} if details is None else details(cli.model),
         )
         if cli.trainer.is_global_zero:
