@@ -20,6 +20,7 @@ from kd_lightning.models import MLP
 from kd_lightning.modules import ClassifierModule
 from kd_lightning.summary import summarize
 from kd_lightning.workflows import WORKFLOWS, resolve
+from kd_lightning.workflows.selection import best_candidate, choose_on_validation
 from kd_lightning.workflows.specialists import count_specialists, format_report, train_specialists
 from kd_lightning.workflows.stage import StageResult, run_stage, working_directory
 
@@ -43,7 +44,7 @@ def run_kd(capsys, *argv: str) -> tuple[int | str | None, str, str]:
 
 
 def test_registry_names_module_functions():
-    assert set(CORE) | {"fill-store"} == set(WORKFLOWS)
+    assert set(CORE) | {"fill-store", "choose"} == set(WORKFLOWS)
     assert all(entry.count(":") == 1 and entry.startswith("kd_lightning.") for entry in WORKFLOWS.values())
     for name in CORE:
         function = resolve(name)
@@ -248,3 +249,41 @@ def test_scripts_only_orchestrate(script):
     }
     assert not imported & names, f"{script.name} imports scripts {sorted(imported & names)}"
     assert "sys.path" not in script.read_text()
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+
+def test_choose_on_validation_reads_validation_only_and_records_the_choice(tmp_path, capsys):
+    config = tiny_config(tmp_path)
+    candidates = {
+        "h4": ["--model.init_args.net.init_args.hidden=[4]"],
+        "h16": ["--model.init_args.net.init_args.hidden=[16]"],
+    }
+    argv = ["choose", "--name", "width", "--config", str(config), "--workdir", str(tmp_path), "--out", "sel"]
+    code, out, _ = run_kd(capsys, *argv, "--candidates", json.dumps(candidates))
+    assert code is None
+    printed = json.loads(out[out.index("{") :])
+    record = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert printed["chosen"] == record["chosen"]
+    # Each candidate ran in its own directory, and its score is its stage's last validation accuracy.
+    for c in candidates:
+        stage = record["results"][c]
+        assert Path(stage["checkpoint"]) == tmp_path / "sel" / c / "seed5" / "checkpoints" / "final.ckpt"
+        assert record["scores"][c] == stage["metrics"]["val/acc"] and record["arguments"][c] == candidates[c]
+    assert record["chosen"] == best_candidate(record["scores"])
+    # Reused when asked again; a test metric is refused as what to choose on.
+    again = choose_on_validation("width", config, candidates, "sel", tmp_path)
+    assert all(r.reused for r in again.results.values()) and again.chosen == record["chosen"]
+    with pytest.raises(ValueError, match="`monitor` must be a validation metric"):
+        choose_on_validation("width", config, candidates, "sel", tmp_path, monitor="test/acc")
+    with pytest.raises(ValueError, match="`candidates`: names must be"):
+        choose_on_validation("width", config, {"a b": []}, "sel", tmp_path)
+
+
+def test_best_candidate_errors():
+    with pytest.raises(ValueError, match="`scores` is empty"):
+        best_candidate({})
+    with pytest.raises(ValueError, match="not finite"):
+        best_candidate({"a": float("nan")})
+    assert best_candidate({"a": 1.0, "b": 1.0}) == "a"

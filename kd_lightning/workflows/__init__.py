@@ -40,6 +40,7 @@ WORKFLOWS: dict[str, str] = {
     "specialists": "kd_lightning.workflows.specialists:train_specialists",
     "summary": "kd_lightning.summary:summarize",
     "fill-store": "kd_lightning.workflows.fill_store:fill_store",
+    "choose": "kd_lightning.workflows.selection:choose_on_validation",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 
