@@ -97,6 +97,14 @@ def main() -> None:
         help="run only these steps (e.g. `alone` in a second process while `teacher` runs); the table "
         "needs all three, done now or earlier",
     )
+    parser.add_argument(
+        "--teacher-candidates",
+        nargs="+",
+        choices=list(TEACHERS),
+        default=list(TEACHERS),
+        help="fit only these teacher candidates (to share them between processes); the choice and the "
+        "distilled step need all of them, done now or earlier",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -115,7 +123,7 @@ def main() -> None:
     teacher = choose_on_validation(
         "mlp teacher",
         CONFIGS / "mlp_teacher.yaml",
-        TEACHERS,
+        {c: TEACHERS[c] for c in args.teacher_candidates},
         out / "teacher",
         workdir,
         [f"--trainer.max_epochs={args.teacher_epochs}", *quiet],
@@ -126,6 +134,10 @@ def main() -> None:
         print("\nThe unregularised teacher validates best: the mechanism's condition does not hold here.")
     if "distilled" not in args.steps:
         return
+    if set(args.teacher_candidates) != set(TEACHERS):
+        parser.error(
+            "the distilled step needs the choice among every teacher candidate: drop --teacher-candidates"
+        )
     alone = run_alone(args, workdir, out, quiet)  # reused: finished above, earlier, or by another process
     seed_args = student_args(args, quiet)
 
