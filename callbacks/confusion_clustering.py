@@ -48,7 +48,8 @@ class ConfusionClustering(L.Callback):
             the matrix's columns; see its docstring for when it is the right choice).
         min_size: least classes per group.
         max_size: most classes per group (``None``: no bound).
-        overlap: number of groups each class belongs to (its ``overlap`` nearest).
+        overlap: number of groups each class belongs to (its ``overlap`` nearest), below ``num_groups``;
+            overlapping groups stay distinct.
         min_specialist_size: groups with fewer classes are left out of the file (their classes stay
             with the generalist); 1 keeps every group.
         every_n_epochs: cluster every this many validation epochs during ``fit`` (the last one is the
@@ -82,6 +83,11 @@ class ConfusionClustering(L.Callback):
         ):
             if not (isinstance(value, int) and value >= least):
                 raise ValueError(f"`{name}` must be an integer >= {least}, got {value!r}.")
+        if overlap > 1 and overlap >= num_groups:
+            raise ValueError(
+                f"`overlap` must be below `num_groups`={num_groups}, got {overlap}: with every class in every "
+                "group the specialists would all be the same."
+            )
         self.num_groups = num_groups
         self.output = Path(output)
         self.matrix = matrix

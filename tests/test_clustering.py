@@ -325,14 +325,26 @@ def test_dedicated_validate_run(tmp_path, six_classes):
         quiet_trainer(tmp_path, callbacks=[singletons]).validate(model, data, verbose=False)
 
 
-def test_overlap_that_makes_equal_groups_keeps_one(tmp_path, six_classes):
-    """Two groups, each class in both: the groups are equal, and one specialist is enough."""
-    model, data = six_classes
-    callback = ConfusionClustering(2, str(tmp_path / "groups.json"), overlap=2, plot=False)
-    quiet_trainer(tmp_path, callbacks=[callback]).validate(model, data, verbose=False)
-    groups = ClassGroups.load(tmp_path / "groups.json", num_classes=6)
-    assert groups.groups == [list(range(6))]
-    assert len(groups.source["partition"]) == 2
+def test_overlap_of_every_group_is_refused():
+    """Each class in every group would make every specialist the same: refused, naming the argument."""
+    with pytest.raises(ValueError, match="`overlap` must be below `num_groups`=2, got 2"):
+        ConfusionClustering(2, "groups.json", overlap=2)
+    with pytest.raises(ValueError, match=r"`overlap` must be an integer in \[1, num_groups - 1 = 2\], got 3"):
+        cluster_classes(np.eye(3), 3, overlap=3)
+
+
+def test_overlap_keeps_groups_distinct_when_small_groups_are_each_others_nearest():
+    """Pairs {0, 1} ~ {2, 3} and {4, 5} ~ {6, 7} are each other's nearest groups: the nearest second
+    memberships would make each pair of groups equal ({0, 1, 2, 3} twice). They stay distinct, and
+    still every class is in exactly two groups."""
+    blocks = np.repeat(np.arange(4), 2)  # groups {0, 1}, {2, 3}, {4, 5}, {6, 7}
+    pairs = blocks // 2  # {0, 1} ~ {2, 3} and {4, 5} ~ {6, 7}
+    m = np.eye(8) + 0.5 * (blocks[:, None] == blocks) + 0.2 * (pairs[:, None] == pairs)
+    assert cluster_classes(m, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    groups = cluster_classes(m, 4, overlap=2, max_size=4)
+    counts = np.bincount([c for g in groups for c in g], minlength=8)
+    assert (counts == 2).all() and all(len(g) <= 4 for g in groups)
+    assert len({tuple(g) for g in groups}) == 4, groups
 
 
 class Unnamed(L.LightningDataModule):

@@ -247,7 +247,8 @@ def cluster_classes(
         method: :class:`SpectralGrouping` (default) or :class:`KMeansGrouping` (the paper's).
         min_size: least classes per group (1 forbids empty groups).
         max_size: most classes per group (``None``: no bound).
-        overlap: number of groups each class belongs to.
+        overlap: number of groups each class belongs to; below ``num_groups`` when there are several
+            groups (with ``overlap == num_groups`` every group would hold every class).
         max_iter: cap on the constrained k-means iterations.
 
     Returns:
@@ -272,8 +273,11 @@ def cluster_classes(
     num_classes = m.shape[0]
     if not (isinstance(num_groups, int) and 1 <= num_groups <= num_classes):
         raise ValueError(f"`num_groups` must be an integer in [1, {num_classes}], got {num_groups!r}.")
-    if not (isinstance(overlap, int) and 1 <= overlap <= num_groups):
-        raise ValueError(f"`overlap` must be an integer in [1, num_groups={num_groups}], got {overlap!r}.")
+    if not (isinstance(overlap, int) and 1 <= overlap <= max(1, num_groups - 1)):
+        raise ValueError(
+            f"`overlap` must be an integer in [1, num_groups - 1 = {max(1, num_groups - 1)}], got {overlap!r}: "
+            "with every class in every group the groups would all be equal."
+        )
     max_size = num_classes if max_size is None else max_size
     if not (isinstance(min_size, int) and min_size >= 0):
         raise ValueError(f"`min_size` must be an integer >= 0, got {min_size!r}.")
@@ -302,24 +306,44 @@ def cluster_classes(
     assert assign is not None
     members = [set(np.flatnonzero(assign == k).tolist()) for k in range(num_groups)]
     if overlap > 1:
-        _add_overlap(members, _squared_distances(features, centres), assign, overlap, max_size)
+        _add_overlap(members, confusion_costs(class_affinity(m), members), assign, overlap, max_size)
     groups = [sorted(g) for g in members]
     return sorted(groups, key=lambda g: (g[0] if g else num_classes, len(g)))
 
 
-def _add_overlap(
-    members: list[set[int]], distances: np.ndarray, assign: np.ndarray, overlap: int, max_size: int
-) -> None:
-    """Give each class ``overlap - 1`` more groups besides its own, minimising the total distance, with
-    no group past ``max_size``.
+def confusion_costs(affinity: np.ndarray, members: Sequence[set[int]]) -> np.ndarray:
+    """``(C, K)`` cost of class ``c`` joining group ``k``: minus its mean affinity to the group's members.
 
-    An exact b-matching: a small integer program (``scipy.optimize.milp``); its constraint matrix is a
-    bipartite incidence matrix, so the LP relaxation is already integral and HiGHS solves it fast.
+    A class joins, as a second membership, the groups whose classes it is most confused with (the
+    affinity is :func:`class_affinity`: what is beyond chance in the matrix). An empty group costs 0.
+
+    Example:
+        >>> a = np.array([[1.0, 0.5, 0.1], [0.5, 1.0, 0.0], [0.1, 0.0, 1.0]])
+        >>> confusion_costs(a, [{0, 1}, {2}]).round(2).tolist()
+        [[-0.75, -0.1], [-0.75, -0.0], [-0.05, -1.0]]
+    """
+    costs = np.zeros((affinity.shape[0], len(members)))
+    for k, group in enumerate(members):
+        if group:
+            costs[:, k] = -affinity[:, sorted(group)].mean(1)
+    return costs
+
+
+def _add_overlap(
+    members: list[set[int]], costs: np.ndarray, assign: np.ndarray, overlap: int, max_size: int
+) -> None:
+    """Give each class ``overlap - 1`` more groups besides its own, minimising the total cost, with no
+    group past ``max_size`` and no two groups made equal.
+
+    A small integer program (``scipy.optimize.milp``): a b-matching of classes to groups, plus, for each
+    pair of groups ``a, b``, that not every class of ``a`` joins ``b`` while every class of ``b`` joins
+    ``a``. Two extended groups are equal exactly when that happens (each then holds both), so the
+    constraint keeps them distinct and excludes nothing else.
     """
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    num_classes, num_groups = distances.shape
+    num_classes, num_groups = costs.shape
     upper = np.ones((num_classes, num_groups))
     upper[np.arange(num_classes), assign] = 0.0  # its own group already holds it
     rows = np.repeat(np.arange(num_classes), num_groups)
@@ -329,19 +353,33 @@ def _add_overlap(
     cols = np.tile(np.arange(num_groups), num_classes)
     per_group = sparse.csr_matrix((np.ones(cols.size), (cols, np.arange(cols.size))), (num_groups, cols.size))
     room = np.array([max_size - len(m) for m in members], dtype=float)
+    constraints = [
+        LinearConstraint(per_class, overlap - 1, overlap - 1),
+        LinearConstraint(per_group, 0, room),
+    ]
+    pairs = [(a, b) for a in range(num_groups) for b in range(a + 1, num_groups)]
+    if pairs:
+        # Row of pair (a, b): x[c, b] for c in group a, plus x[d, a] for d in group b, at most |a| + |b| - 1.
+        entries = [
+            (row, c * num_groups + other)
+            for row, (a, b) in enumerate(pairs)
+            for own, other in ((a, b), (b, a))
+            for c in members[own]
+        ]
+        r, col = np.array(entries).T
+        swap = sparse.csr_matrix((np.ones(r.size), (r, col)), (len(pairs), rows.size))
+        sizes = np.array([len(members[a]) + len(members[b]) - 1 for a, b in pairs], dtype=float)
+        constraints.append(LinearConstraint(swap, 0, sizes))
     result = milp(
-        distances.ravel(),
-        constraints=[
-            LinearConstraint(per_class, overlap - 1, overlap - 1),
-            LinearConstraint(per_group, 0, room),
-        ],
+        costs.ravel(),
+        constraints=constraints,
         integrality=np.ones(rows.size),
         bounds=Bounds(0, upper.ravel()),
     )
     if not result.success:
         raise ValueError(
             f"`overlap`={overlap} with `max_size`={max_size}: the classes cannot each join {overlap - 1} more "
-            f"groups ({result.message})."
+            f"groups while the groups stay distinct ({result.message})."
         )
     chosen = np.flatnonzero(np.round(result.x) > 0)
     for c, k in zip(*np.divmod(chosen, num_groups), strict=True):
