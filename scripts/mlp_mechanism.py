@@ -133,7 +133,6 @@ def main() -> None:
         parser.error(
             "the distilled step needs the choice among every teacher candidate: drop --teacher-candidates"
         )
-    alone = run_alone(args, workdir, out, quiet)  # reused: finished above, earlier, or by another process
     seed_args = student_args(args, quiet)
 
     print("\n3. distilled: temperature chosen on validation (first seed), then every seed", flush=True)
@@ -167,6 +166,7 @@ def main() -> None:
         for seed in args.seeds
     ]
 
+    alone = run_alone(args, workdir, out, quiet)  # reused: finished above, earlier, or by another process
     t_acc = teacher.result.test_acc
     a = [r.test_acc for r in alone]
     d = [r.test_acc for r in distilled]
