@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import TinySource
 from torchmetrics.classification import MulticlassCalibrationError
+from trainers import ReleaseProcessGroup
 
 from kd_lightning.calibration import ReliabilityBins
 from kd_lightning.callbacks import DistillationDashboard
@@ -190,7 +191,7 @@ def ddp_validate(out: Path, devices: int, strategy: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
-        callbacks=[DistillationDashboard(dirpath=str(out)), DumpValues(str(out))],
+        callbacks=[DistillationDashboard(dirpath=str(out)), DumpValues(str(out)), ReleaseProcessGroup()],
     )
     trainer.validate(module, data, verbose=False)
 

@@ -23,7 +23,7 @@ import yaml
 from conftest import TinySource
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from trainers import quiet_trainer
+from trainers import ReleaseProcessGroup, quiet_trainer
 
 from kd_lightning.cache.protocols import TeacherCarrier
 from kd_lightning.callbacks import TeacherPlacement
@@ -103,7 +103,8 @@ class Probe(L.Callback):
 def distil(path: Path, devices: int, precision: str, batch_size: int, placement: dict | None) -> None:
     """Distil the tiny student for 3 epochs with ``devices`` processes; ranks report to ``path``."""
     L.seed_everything(7)
-    callbacks = [Probe(path)] + ([TeacherPlacement(**placement)] if placement is not None else [])
+    callbacks = [Probe(path), ReleaseProcessGroup()]
+    callbacks += [TeacherPlacement(**placement)] if placement is not None else []
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from trainers import ReleaseProcessGroup
 
 import kd_lightning.modules
 from kd_lightning.cache import (
@@ -413,7 +414,10 @@ def ddp_build(path: Path, devices: int, strategy: str) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=path,
-        callbacks=[SoftTargetCache(str(path / "store"), views=2, batch_size=100, dtype="bfloat16")],
+        callbacks=[
+            SoftTargetCache(str(path / "store"), views=2, batch_size=100, dtype="bfloat16"),
+            ReleaseProcessGroup(),
+        ],
     )
     trainer.fit(module, dm)
 

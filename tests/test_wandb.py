@@ -15,6 +15,7 @@ import torch
 import wandb
 from conftest import TinySource
 from lightning.pytorch.callbacks import ModelCheckpoint
+from trainers import ReleaseProcessGroup
 from wandb_records import is_finite_number, read_run, run_files
 
 from kd_lightning import loggers
@@ -175,7 +176,7 @@ def ddp_fit(save_dir: str) -> None:
         max_epochs=1,
         limit_train_batches=2,
         logger=KDWandbLogger(save_dir=save_dir, name="ddp", project="kd-tests"),
-        callbacks=[DistillationDashboard(), ArtifactLogger()],
+        callbacks=[DistillationDashboard(), ArtifactLogger(), ReleaseProcessGroup()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
