@@ -12,7 +12,7 @@ from kd_lightning.datamodules.folder import ImageFolder
 from kd_lightning.datamodules.idx import MNIST, FashionMNIST, read_idx
 from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
 from kd_lightning.datamodules.tabular import MNIST1D, Digits, Synthetic
-from kd_lightning.datamodules.transforms import RandomShift
+from kd_lightning.datamodules.transforms import RandomRoll, RandomShift
 
 __all__ = [
     "ClassificationSource",
@@ -30,6 +30,7 @@ __all__ = [
     "Synthetic",
     "SpecialistDataModule",
     "GroupOversampler",
+    "RandomRoll",
     "RandomShift",
     "read_idx",
 ]

@@ -29,6 +29,7 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -65,7 +66,8 @@ def place_run(config: Namespace) -> Path:
     """Derive the run's directories from ``trainer.default_root_dir`` and ``seed_everything`` (in place).
 
     ``trainer.default_root_dir`` becomes the run directory (:func:`~kd_lightning.callbacks.run_identity.run_directory`),
-    ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, KDWandbLoggers without a
+    ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, CSVLoggers with a relative
+    ``save_dir`` write under the run directory (``save_dir: .`` is the run directory), KDWandbLoggers without a
     ``save_dir`` log to the run directory (named ``<root name>-seed<seed>`` unless named), and
     ``run.run_dir``/``run.seed`` record it. Paths given explicitly are kept.
 
@@ -82,6 +84,10 @@ def place_run(config: Namespace) -> Path:
         if issubclass(_class_of(callback.class_path), ModelCheckpoint) and callback.init_args.dirpath is None:
             callback.init_args.dirpath = str(run_dir / "checkpoints")
     for logger in _class_args(trainer.logger):
+        if issubclass(_class_of(logger.class_path), CSVLogger):
+            save_dir = Path(logger.init_args.save_dir)
+            if not save_dir.is_absolute():
+                logger.init_args.save_dir = str(run_dir / save_dir)
         if issubclass(_class_of(logger.class_path), KDWandbLogger):
             if logger.init_args.save_dir is None:
                 logger.init_args.save_dir = str(run_dir)

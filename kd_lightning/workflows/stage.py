@@ -164,8 +164,10 @@ def run_stage(
         force: refit from scratch even if a finished result (or an unfinished run's ``last.ckpt``) exists;
             without it, a stage that did not finish resumes from the newest ``last*.ckpt`` of its run.
         checkpoint: where the stage's checkpoint goes (relative to ``workdir``): the fitted model is saved
-            there and the record beside it as ``<stem>.json``. Default: the file of the config's
-            ModelCheckpoint with a fixed ``filename``, and ``result.json`` beside it.
+            there and the record beside it as ``<stem>.json``. Default: the file of the config's first
+            ModelCheckpoint with a fixed ``filename``, and ``result.json`` beside it; when that checkpoint
+            ``monitor``s a metric (``save_top_k: 1``: early stopping), its best epoch is the stage's model,
+            validated and tested.
         run_args: ``kd`` arguments that only place the run (e.g. its ``--trainer.default_root_dir`` when
             ``checkpoint`` already names the stage), given to ``kd`` but left out of the command.
         details: what to record besides the metrics, computed from the fitted model (e.g. a specialist's
@@ -195,6 +197,7 @@ def run_stage(
             return saved
     with working_directory(workdir), own_argv():
         cli = main([*args, *run_args], run=False)
+        monitored = None  # the output checkpoint keeps the best epoch of a monitored metric (early stopping)
         if target is None:
             # The stage's output: the first ModelCheckpoint with a fixed name (`final`); the CLI gives it the
             # run's checkpoint directory. Others (the step-wise `last.ckpt`) are for resuming.
@@ -212,6 +215,7 @@ def run_stage(
                     "`filename` (or give `checkpoint`)."
                 )
             target = (Path(checkpoint_cb.dirpath) / f"{checkpoint_cb.filename}.ckpt").resolve()
+            monitored = checkpoint_cb.monitor
             record_file = target.parent / "result.json"
             if not force:
                 saved = _finished(record_file, target, command, expect)
@@ -227,11 +231,15 @@ def run_stage(
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=last)
         fit_seconds = time.perf_counter() - start
-        # The last validation epoch's metrics: those of the fitted model, on which stages are compared.
+        best = None
+        if monitored is not None:  # the fitted model is the checkpoint's best epoch: validated and tested
+            best = str(target)
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+        # The fitted model's validation metrics (last epoch, or the best one): what stages are compared on.
         validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         if checkpoint is not None:
             cli.trainer.save_checkpoint(target)  # collective; rank 0 writes
-        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)[0]
         result = StageResult(
             name=name,
             command=command,
@@ -262,3 +270,35 @@ def format_table(rows: Sequence[StageResult]) -> str:
             f"| {r.name} | {100 * r.test_acc:.2f} | {r.params:,} | {r.fit_seconds:.0f} | {'yes' if r.reused else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def validation_curve(result: StageResult, metric: str = "val/acc") -> list[float]:
+    """``metric`` after every validation epoch of a stage's run, from the CSVLogger's ``metrics.csv``.
+
+    The run is the one that wrote the stage's checkpoint (``<run dir>/checkpoints/...``); its config logs
+    with ``lightning.pytorch.loggers.CSVLogger`` (``save_dir: .``, as the ``configs/mnist1d`` ones do); the
+    versions a resumed run wrote are read in order.
+
+    Raises:
+        FileNotFoundError: the run has no ``metrics.csv`` (its config has no CSVLogger).
+        ValueError: ``metric`` is not a column of it (the message lists the columns).
+    """
+    import csv
+
+    run_dir = Path(result.checkpoint).parent.parent
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    if not files:
+        raise FileNotFoundError(
+            f"stage {result.name!r}: no csv/version_*/metrics.csv in {str(run_dir)!r}; add a CSVLogger "
+            "(`save_dir: .`) to the config's `trainer.logger`."
+        )
+    by_epoch: dict[int, float] = {}
+    for file in sorted(files, key=lambda f: int(f.parent.name.removeprefix("version_"))):
+        with file.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = rows[0].keys() if rows else []
+        if metric not in columns:
+            raise ValueError(f"`metric` {metric!r} is not in {str(file)!r}; its columns: {sorted(columns)}.")
+        # A resumed run starts a new version; its epochs replace those logged before the interruption.
+        by_epoch.update({int(r["epoch"]): float(r[metric]) for r in rows if r[metric] not in ("", None)})
+    return [by_epoch[e] for e in sorted(by_epoch)]
