@@ -46,7 +46,7 @@ distill-ensemble: setup ## 4 members -> ensemble -> one distilled student; share
 benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU
 	$(BIN)/python scripts/benchmark_precision.py
 
-reproduce: setup ## reproduce Hinton et al.'s experiments at small scale; writes docs/reproduction.md (~17 min reusing finished stages, ~70 from nothing)
+reproduce: setup ## reproduce Hinton et al.'s experiments at small scale through kd stages; writes docs/reproduction.md (about 90 min from nothing; finished stages reused)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py
 
 lint: $(STAMP) ## ruff lint and format check

@@ -140,3 +140,24 @@ def test_small_data_tests_the_best_epoch_of_the_early_stopped_student(mechanism)
     # The stage's validation accuracy is the best epoch's, which the checkpoint recorded as its score.
     assert float(callbacks[0]["best_model_score"]) == pytest.approx(row["hard_best_val"])
     assert 0.0 <= row["soft"] <= 1.0
+
+
+def test_one_cycle_runs_when_training_is_shorter_than_its_warm_up(tmp_path):
+    """Four steps, fewer than OneCycle's warm-up can divide (pct_start=0.25): it runs and anneals."""
+    from functools import partial
+
+    from conftest import TinySource
+    from trainers import quiet_trainer
+
+    from kd_lightning.datamodules import IndexedDataModule
+    from kd_lightning.models import MLP
+    from kd_lightning.modules import ClassifierModule
+    from kd_lightning.optim import OneCycle
+
+    model = ClassifierModule(
+        partial(MLP, hidden=(8,)), 4, (1, 8, 8), partial(torch.optim.AdamW, lr=1e-2), OneCycle()
+    )
+    data = IndexedDataModule(TinySource(4), batch_size=32, eval_batch_size=64, val_size=64)
+    quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1).fit(model, data)
+    assert model.trainer.global_step == 4
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] < 1e-2 / 25
