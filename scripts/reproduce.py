@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 M1D = ROOT / "configs" / "mnist1d"
 NET = "--model.init_args.net.init_args"
 TEACHERS = {
-    "none": ["--data.init_args.train_transform=null"],
-    "shift": [],
+    "none": ["--data.init_args.train_transform=null", f"{NET}.dropout=0.0"],
+    "shift": [f"{NET}.dropout=0.0"],
     "shift_dropout": [f"{NET}.dropout=0.3"],
 }
 """MNIST-1D teacher candidates: unregularised, circular shifts of up to 5 samples, shifts and dropout 0.3."""

@@ -135,7 +135,7 @@ def gap_closure(
         workdir: where the configs' relative paths resolve.
         seeds: the students' seeds.
         teacher_candidates: name -> ``kd`` arguments of each teacher candidate; default: the config as is.
-        temperatures: the distillation temperatures tried on validation.
+        temperatures: the distillation temperatures tried on validation; none: the config's own.
         teacher_epochs: the teacher's budget.
         student_epochs: every student's budget.
         check_budget: run the twice-the-budget check.
@@ -170,7 +170,7 @@ def gap_closure(
     store = store_args(root / "soft_targets", teacher.result.checkpoint)
     # The first seed's distilled run is the chosen candidate's own (same arguments, same order): reused.
     common = [f"--trainer.max_epochs={student_epochs}", *store, *overrides]
-    candidates = {f"T{t:g}": [f"{TEMPERATURE}={t}"] for t in temperatures}
+    candidates = {f"T{t:g}": [f"{TEMPERATURE}={t}"] for t in temperatures} or {"config": []}
     temperature = choose_on_validation(
         "temperature",
         configs / "mlp_distill.yaml",
