@@ -119,6 +119,16 @@ def test_kd_stage_runs_a_config_and_reuses_it(tmp_path, capsys):
     assert again.reused and again.checkpoint == first["checkpoint"] and again.test_acc == first["test_acc"]
 
 
+def test_a_stage_resumed_from_a_finished_run_still_records_its_validation(tmp_path):
+    """A new command on a run directory whose last.ckpt already reached the budget (e.g. an argument
+    spelled out that equals the config's default): fit runs no epoch, yet the record has val/ metrics."""
+    config = tiny_config(tmp_path)
+    first = run_stage("tiny", config, tmp_path, ["--trainer.max_epochs=1"])
+    again = run_stage("tiny", config, tmp_path, ["--trainer.max_epochs=1", "--seed_everything=5"])
+    assert not again.reused and again.checkpoint == first.checkpoint
+    assert again.metrics["val/acc"] == pytest.approx(first.metrics["val/acc"])
+
+
 # ------------------------------------------------------------------------------------------ records
 
 

@@ -235,6 +235,9 @@ def run_stage(
         if monitored is not None:  # the fitted model is the checkpoint's best epoch: validated and tested
             best = str(target)
             cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+        elif not any(k.startswith("val/") for k in cli.trainer.callback_metrics):
+            # Resumed from a run that had already reached its budget: fit ran no epoch to validate.
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
         # The fitted model's validation metrics (last epoch, or the best one): what stages are compared on.
         validation = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         if checkpoint is not None:
