@@ -50,6 +50,9 @@ class ConfusionClustering(L.Callback):
         max_size: most classes per group (``None``: no bound).
         overlap: number of groups each class belongs to (its ``overlap`` nearest), below ``num_groups``;
             overlapping groups stay distinct.
+        overlap_threshold: with ``overlap`` > 1, a class joins at most ``overlap - 1`` more groups, only
+            those it is confused with (mean affinity at least this fraction of that to its own group;
+            see :func:`~kd_lightning.clustering.cluster_classes`); ``None``: exactly ``overlap - 1``.
         min_specialist_size: groups with fewer classes are left out of the file (their classes stay
             with the generalist); 1 keeps every group.
         every_n_epochs: cluster every this many validation epochs during ``fit`` (the last one is the
@@ -69,6 +72,7 @@ class ConfusionClustering(L.Callback):
         min_size: int = 1,
         max_size: int | None = None,
         overlap: int = 1,
+        overlap_threshold: float | None = None,
         min_specialist_size: int = 2,
         every_n_epochs: int = 1,
         plot: bool = True,
@@ -95,6 +99,7 @@ class ConfusionClustering(L.Callback):
         self.min_size = min_size
         self.max_size = max_size
         self.overlap = overlap
+        self.overlap_threshold = overlap_threshold
         self.min_specialist_size = min_specialist_size
         self.every_n_epochs = every_n_epochs
         self.plot = plot
@@ -187,6 +192,7 @@ class ConfusionClustering(L.Callback):
             min_size=self.min_size,
             max_size=self.max_size,
             overlap=self.overlap,
+            overlap_threshold=self.overlap_threshold,
         )
         kept = drop_duplicate_groups(drop_small_groups(partition, self.min_specialist_size))
         if not kept:
@@ -213,6 +219,7 @@ class ConfusionClustering(L.Callback):
             "min_size": self.min_size,
             "max_size": self.max_size,
             "overlap": self.overlap,
+            "overlap_threshold": self.overlap_threshold,
             "min_specialist_size": self.min_specialist_size,
             **self.grouping.describe(),
         }

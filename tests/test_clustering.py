@@ -444,3 +444,26 @@ def test_matrix_is_the_same_on_two_processes(tmp_path):
         np.array(two["matrix"]), np.array(one["matrix"]), atol=n * float(np.finfo(np.float32).eps)
     )
     assert two["groups"] == one["groups"]
+
+
+def test_overlap_threshold_gives_border_classes_more_groups_and_inner_classes_one():
+    """Four blocks of four; class 3 is confused with blocks 1 and 2, class 7 with block 2. With a
+    threshold only those join further groups, so the number of groups covering a class is 3, 2 or 1
+    (the rows of the paper's Table 4) instead of ``overlap`` for every class."""
+    blocks = np.repeat(np.arange(4), 4)
+    m = (blocks[:, None] == blocks).astype(float)
+    for c, others in ((3, range(4, 12)), (7, range(8, 12))):
+        m[c, list(others)] = m[list(others), c] = 0.5
+    groups = cluster_classes(m, 4, overlap=3, overlap_threshold=0.2)
+    counts = np.bincount([c for g in groups for c in g], minlength=16)
+    assert counts[3] == 3 and counts[7] == 2
+    assert (np.delete(counts, [3, 7]) == 1).all()
+    # Without the threshold every class is in exactly `overlap` groups.
+    exact = cluster_classes(m, 4, overlap=2)
+    assert (np.bincount([c for g in exact for c in g], minlength=16) == 2).all()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf")])
+def test_overlap_threshold_must_be_positive(bad):
+    with pytest.raises(ValueError, match="`overlap_threshold` must be a positive number or None"):
+        cluster_classes(np.eye(4), 2, overlap=1, overlap_threshold=bad)

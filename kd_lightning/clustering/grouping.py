@@ -231,6 +231,7 @@ def cluster_classes(
     max_size: int | None = None,
     overlap: int = 1,
     max_iter: int = 100,
+    overlap_threshold: float | None = None,
 ) -> list[list[int]]:
     """Cluster the ``C`` classes of a ``(C, C)`` matrix into ``num_groups`` groups.
 
@@ -240,6 +241,11 @@ def cluster_classes(
     plain k-means. With ``overlap = m > 1`` each class also joins ``m - 1`` more groups, the nearest
     ones that fit (an exact assignment minimising the total distance with no group past ``max_size``),
     as the paper's groups may overlap; ``min_size`` bounds the groups before they gain these members.
+    With ``overlap_threshold = r`` a class joins *at most* ``m - 1`` more groups, and only groups it is
+    confused with: its mean affinity (:func:`class_affinity`) to the group's members must be at least
+    ``r`` times its mean affinity to the other members of its own group. Classes at a group's border then
+    belong to two or three groups and classes deep inside one to a single group, so the number of
+    specialists covering a class varies, as in the paper's Table 4.
 
     Args:
         matrix: ``(C, C)`` matrix, e.g. :func:`~kd_lightning.clustering.matrices.prediction_covariance`.
@@ -250,6 +256,8 @@ def cluster_classes(
         overlap: number of groups each class belongs to; below ``num_groups`` when there are several
             groups (with ``overlap == num_groups`` every group would hold every class).
         max_iter: cap on the constrained k-means iterations.
+        overlap_threshold: ``r > 0``: further memberships only where the class is confused with the
+            group (see above); ``None``: every class joins exactly ``overlap - 1`` more groups.
 
     Returns:
         ``K`` sorted lists of class ids, ordered by their smallest member.
@@ -285,7 +293,11 @@ def cluster_classes(
         raise ValueError(
             f"`max_size` must be an integer >= max(min_size, 1) = {max(min_size, 1)}, got {max_size!r}."
         )
-    if num_classes * overlap > num_groups * max_size:
+    if overlap_threshold is not None and not (
+        isinstance(overlap_threshold, (int, float)) and 0 < overlap_threshold < float("inf")
+    ):
+        raise ValueError(f"`overlap_threshold` must be a positive number or None, got {overlap_threshold!r}.")
+    if overlap_threshold is None and num_classes * overlap > num_groups * max_size:
         raise ValueError(
             f"`max_size`={max_size} is too small: {num_groups} groups cannot hold {num_classes} classes "
             f"{overlap} times each (`overlap`)."
@@ -306,7 +318,12 @@ def cluster_classes(
     assert assign is not None
     members = [set(np.flatnonzero(assign == k).tolist()) for k in range(num_groups)]
     if overlap > 1:
-        _add_overlap(members, confusion_costs(class_affinity(m), members), assign, overlap, max_size)
+        affinity = class_affinity(m)
+        costs = confusion_costs(affinity, members)
+        eligible = None
+        if overlap_threshold is not None:
+            eligible = confused_groups(affinity, members, assign, overlap_threshold)
+        _add_overlap(members, costs, assign, overlap, max_size, eligible)
     groups = [sorted(g) for g in members]
     return sorted(groups, key=lambda g: (g[0] if g else num_classes, len(g)))
 
@@ -329,11 +346,45 @@ def confusion_costs(affinity: np.ndarray, members: Sequence[set[int]]) -> np.nda
     return costs
 
 
+def confused_groups(
+    affinity: np.ndarray, members: Sequence[set[int]], assign: np.ndarray, threshold: float
+) -> np.ndarray:
+    """``(C, K)`` bool: the groups a class may join as a further membership under ``overlap_threshold``.
+
+    Class ``c`` may join group ``k`` (not its own) when its mean affinity to ``k``'s members is positive
+    and at least ``threshold`` times its mean affinity to the other members of its own group ``assign[c]``
+    (its own affinity to itself left out; a class alone in its group compares with its own diagonal).
+
+    Example:
+        >>> a = np.array([[1.0, 0.5, 0.3, 0.0], [0.5, 1.0, 0.0, 0.0], [0.3, 0.0, 1.0, 0.6], [0.0, 0.0, 0.6, 1.0]])
+        >>> confused_groups(a, [{0, 1}, {2, 3}], np.array([0, 0, 1, 1]), 0.25).astype(int).tolist()
+        [[0, 1], [0, 0], [1, 0], [0, 0]]
+    """
+    num_classes = affinity.shape[0]
+    mean = np.zeros((num_classes, len(members)))
+    for k, group in enumerate(members):
+        if group:
+            mean[:, k] = affinity[:, sorted(group)].mean(1)
+    own = np.empty(num_classes)
+    for c in range(num_classes):
+        others = sorted(members[int(assign[c])] - {c})
+        own[c] = affinity[c, others].mean() if others else affinity[c, c]
+    eligible = (mean > 0) & (mean >= threshold * own[:, None])
+    eligible[np.arange(num_classes), assign] = False
+    return eligible
+
+
 def _add_overlap(
-    members: list[set[int]], costs: np.ndarray, assign: np.ndarray, overlap: int, max_size: int
+    members: list[set[int]],
+    costs: np.ndarray,
+    assign: np.ndarray,
+    overlap: int,
+    max_size: int,
+    eligible: np.ndarray | None = None,
 ) -> None:
-    """Give each class ``overlap - 1`` more groups besides its own, minimising the total cost, with no
-    group past ``max_size`` and no two groups made equal.
+    """Give each class ``overlap - 1`` more groups besides its own (with ``eligible``, at most that many,
+    among its eligible groups), minimising the total cost, with no group past ``max_size`` and no two
+    groups made equal.
 
     A small integer program (``scipy.optimize.milp``): a b-matching of classes to groups, plus, for each
     pair of groups ``a, b``, that not every class of ``a`` joins ``b`` while every class of ``b`` joins
@@ -346,6 +397,8 @@ def _add_overlap(
     num_classes, num_groups = costs.shape
     upper = np.ones((num_classes, num_groups))
     upper[np.arange(num_classes), assign] = 0.0  # its own group already holds it
+    if eligible is not None:
+        upper[~eligible] = 0.0
     rows = np.repeat(np.arange(num_classes), num_groups)
     per_class = sparse.csr_matrix(
         (np.ones(rows.size), (rows, np.arange(rows.size))), (num_classes, rows.size)
@@ -354,7 +407,7 @@ def _add_overlap(
     per_group = sparse.csr_matrix((np.ones(cols.size), (cols, np.arange(cols.size))), (num_groups, cols.size))
     room = np.array([max_size - len(m) for m in members], dtype=float)
     constraints = [
-        LinearConstraint(per_class, overlap - 1, overlap - 1),
+        LinearConstraint(per_class, 0 if eligible is not None else overlap - 1, overlap - 1),
         LinearConstraint(per_group, 0, room),
     ]
     pairs = [(a, b) for a in range(num_groups) for b in range(a + 1, num_groups)]

@@ -16,7 +16,7 @@ so that ``import kd_lightning.workflows`` stays light and one workflow's depende
 Modules: :mod:`~kd_lightning.workflows.stage` (one config fitted and tested, reused when finished),
 :mod:`~kd_lightning.workflows.members` (ensemble members and seeds), :mod:`~kd_lightning.workflows.specialists`
 (every specialist of a groups file, and their combination), :mod:`~kd_lightning.workflows.regimes` and
-:mod:`~kd_lightning.workflows.specialist_study` (the benchmarks' runs, shared with the reproduction),
+:mod:`~kd_lightning.workflows.specialist_study` and :mod:`~kd_lightning.workflows.capacity_study` (the benchmarks' runs, shared with the reproduction),
 :func:`kd_lightning.summary.summarize` (mean ± std over finished stages).
 """
 

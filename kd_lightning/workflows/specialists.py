@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from jsonargparse import Namespace
@@ -170,6 +170,7 @@ def evaluate_specialists(
     workdir: str | Path = ".",
     overrides: Sequence[str] = (),
     groups_file: str | Path | None = None,
+    split: Literal["val", "test"] = "test",
 ) -> dict[str, Any]:
     """Test the generalist + every specialist checkpoint in ``out`` on the config's test split.
 
@@ -179,13 +180,15 @@ def evaluate_specialists(
         workdir: where relative paths resolve.
         overrides: ``kd`` arguments, as for training.
         groups_file: instead of the config's groups file.
+        split: ``"test"``, or ``"val"`` to score the combination on the validation split (what choices
+            between settings are made on).
 
     Returns:
         The :class:`~kd_lightning.specialists.SpecialistEnsemble` report, plus ``named_groups`` and the
-        wall-clock ``seconds`` of the generalist alone and of the ensemble over the test split.
+        wall-clock ``seconds`` of the generalist alone and of the ensemble over the split.
 
     Raises:
-        ValueError: the config names no generalist checkpoint.
+        ValueError: the config names no generalist checkpoint, or an unknown ``split``.
         FileNotFoundError: a group's specialist is not trained yet.
     """
     from kd_lightning.cli import main
@@ -193,6 +196,8 @@ def evaluate_specialists(
     from kd_lightning.modules import load_teacher
     from kd_lightning.specialists import SpecialistEnsemble
 
+    if split not in ("val", "test"):
+        raise ValueError(f"`split` must be 'val' or 'test', got {split!r}.")
     config = Path(config).resolve()
     workdir = Path(workdir)
     out = (workdir / out).resolve()  # `out` if absolute
@@ -208,7 +213,10 @@ def evaluate_specialists(
     if missing:
         raise FileNotFoundError(f"evaluation: specialists not trained yet: {missing}")
     with working_directory(workdir), own_argv():
-        cli = main(["--config", str(config), *overrides, f"{GENERALIST_ARG}=null"], run=False)
+        # The model is built only for the CLI's links and is not used: no generalist to load, and so no
+        # soft targets (which would need one).
+        args = [*overrides, f"{GENERALIST_ARG}=null", "--model.init_args.soft_weight=0.0"]
+        cli = main(["--config", str(config), *args], run=False)
         data = cli.datamodule
         # The test split as every model sees it: natural sampling, no specialist relabelling.
         plain = IndexedDataModule(
@@ -220,11 +228,12 @@ def evaluate_specialists(
         ensemble = SpecialistEnsemble(str(generalist), [str(p) for p in checkpoints], str(groups_path))
         # The config's own Trainer (devices, precision, limits), never used for fitting here.
         trainer = cli.trainer
+        evaluate = trainer.test if split == "test" else trainer.validate
         start = time.perf_counter()
-        trainer.test(load_teacher(str(generalist)), plain, verbose=False)
+        evaluate(load_teacher(str(generalist)), plain, verbose=False)
         generalist_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        trainer.test(ensemble, plain, verbose=False)
+        evaluate(ensemble, plain, verbose=False)
         ensemble_seconds = time.perf_counter() - start
     report = dict(ensemble.report)
     report["named_groups"] = [[groups.class_names[c] for c in g] for g in report["groups"]]
