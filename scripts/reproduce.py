@@ -378,8 +378,9 @@ def section_specialists(study: dict[str, Any], report: Report) -> None:
             ("gain appears" if appears(gains) else "no gain")
             + (
                 "; grows with coverage"
-                if all(b["relative"] > a["relative"] for a, b in zip(rows, rows[1:], strict=False))
-                else "; flat across coverage rows"
+                if len(rows) > 1
+                and all(b["relative"] > a["relative"] for a, b in zip(rows, rows[1:], strict=False))
+                else "; not growing with coverage"
             ),
         )
     )
