@@ -56,6 +56,7 @@ class Family:
     single_widths: tuple[int, ...]
     members: int
     quick: tuple[tuple[int, ...], tuple[int, ...]]
+    epochs: int | None = None  # default budget; None: the config's own
     shared: str | None = None  # where another script trains the config's own width at a budget {e}
 
     def name(self, width: int) -> str:
@@ -81,6 +82,7 @@ FAMILIES = {
         (6, 12, 16),
         3,
         ((2, 4), (6,)),
+        epochs=8,
         shared="runs/fashion_mnist/ensemble_distillation/e{e}/members",
     ),
     "mlp": Family(
@@ -134,7 +136,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="kd arguments for every member, after --")
     args = parser.parse_args()
     family = FAMILIES[args.family]
-    epochs = args.epochs if args.epochs is not None else (8 if args.family == "cnn" else None)
+    epochs = args.epochs if args.epochs is not None else family.epochs
     args.ensemble_widths = args.ensemble_widths or list(family.ensemble_widths)
     args.single_widths = args.single_widths or list(family.single_widths)
     args.members = args.members or family.members

@@ -122,10 +122,10 @@ def test_shipped_ensemble_configs_parse(config):
 
 
 def test_kd_distil_ensemble_parses_its_arguments():
-    """``kd distil-ensemble`` is built from the signature: every argument typed, data by class_path."""
+    """``kd ensemble-kd`` is built from the signature: every argument typed, data by class_path."""
     from kd_lightning.workflows import parser_for
 
-    config = parser_for("distil-ensemble").parse_args(
+    config = parser_for("ensemble-kd").parse_args(
         [
             "--member_config=m.yaml",
             "--student_config=s.yaml",
