@@ -163,7 +163,7 @@ def distil_ensemble(
         data: the DataModule whose test split evaluates the members and the ensemble (the configs' data).
         member_seeds: one member per seed (member ``k`` is seeded ``k``); at least two.
         student_seeds: one distilled student per seed; the first one runs the candidates.
-        epochs: the budgets (``--trainer.max_epochs``) of members and students, e.g. ``[8, 24]``.
+        epochs: the budgets (``--trainer.max_epochs``) of members and students, e.g. ``[8, 20]``.
         candidates: candidate name -> ``kd`` arguments of the distillation (e.g.
             :func:`distillation_candidates`), chosen on ``val/acc``; ``None``: the config's own setting.
         out: directory of every run (relative to ``workdir``).
