@@ -4,11 +4,11 @@
     python scripts/study_ensembles.py --family mlp      # MLPs (two hidden layers of width W), member.yaml's 10 epochs
     python scripts/study_ensembles.py --quick           # 1 epoch, tiny widths: checks the plumbing in a minute
 
-``--family cnn`` (the default): single SmallCNNs with channels [W, 2W] (head 64) at widths W = 4, 8, 12, 16,
-and ensembles of 1 to 3 members of width 8 (2 and 3 x CNN-8 cost about as many FLOPs as CNN-12 and CNN-16), all with cnn_member.yaml's recipe, ``--epochs`` epochs
-(Kondratyuk et al. 2020 compare such ensembles of one convolutional family with its wider single networks
-at equal FLOPs). Width 8 is cnn_member.yaml's own network: its members are the ones scripts/distill_ensemble.py
-trains at the same budget, reused. ``--family mlp``: single MLPs (two hidden layers of width W) and
+``--family cnn`` (the default): single SmallCNNs with channels [W, 2W] (head 64) at widths W = 4, 8, 12,
+16, and ensembles of 1 to 3 members of width 8 (2 and 3 x CNN-8 cost fewer FLOPs than CNN-12 and CNN-16),
+all with cnn_member.yaml's recipe, ``--epochs`` epochs (Kondratyuk et al. 2020 compare such ensembles of
+one convolutional family with its wider single networks at equal FLOPs). Width 8 is cnn_member.yaml's own
+network: its members are the ones scripts/distill_ensemble.py trains at the same budget, reused. ``--family mlp``: single MLPs (two hidden layers of width W) and
 ensembles of 1 to 4 members, member.yaml's recipe (10 epochs).
 Members differ by seed only and are trained by :func:`kd_lightning.workflows.members.train_members`
 (finished members are reused). Each ensemble size k is scored on every k-subset of the members (mean ±
