@@ -212,6 +212,7 @@ def main() -> None:
         costs=(("mflops", "MFLOPs per example"), ("latency_ms", "latency per batch of 256 (ms)")),
         title=f"Fashion-MNIST: single {family.tag}s vs ensembles of smaller {family.tag}s (mean of probabilities)",
     )
+    out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({"points": points, "train_seconds": train_seconds}, indent=2))
     print(f"\nplot: {png}")
     print(f"wall time: {time.perf_counter() - start:.0f} s (training {train_seconds:.0f} s)")
