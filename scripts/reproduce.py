@@ -14,8 +14,8 @@ Experiments (the paper's MNIST/speech numbers are quoted from Hinton, Vinyals & 
 2. temperature sweep for a large (800-800) and a tiny (30-30) MLP student.
 3. omitted class: the transfer set lacks class 3; the class-3 bias is chosen on validation data only.
 4. soft targets as a regulariser: 3% of the training data, hard (early-stopped on validation) vs soft.
-5. ensembles: the members and distilled students of scripts/distill_ensemble.py (same commands, so
-   finished stages are reused).
+5. ensembles: 4 MLP members of member.yaml (those of scripts/study_ensembles.py --family mlp, so finished
+   stages are reused) and students of distill_ensemble.yaml (CNN members: docs/ensembles.md).
 6. generalist + specialists: scripts/benchmark_specialists.py's planted-groups and Fashion-MNIST runs.
 
 The experiments themselves are library functions (:mod:`kd_lightning.workflows.reproduction`); this script
@@ -145,12 +145,12 @@ def _regulariser_sentence(reg: dict[str, float]) -> str:
 def ensembles(
     workdir: Path, overrides: list[str], members: int = 4, seeds: Sequence[int] = (100, 101, 102)
 ) -> dict:
-    """The members, ensemble and distilled students of scripts/distill_ensemble.py, reused when finished."""
+    """The MLP members (member.yaml), their ensemble and distilled students, reused when finished."""
     from kd_lightning.ensemble import Ensemble, classification_metrics
     from kd_lightning.workflows.members import seed_overrides, train_members
     from kd_lightning.workflows.stage import run_stage
 
-    print("ensembles: training (or reusing) the members of scripts/distill_ensemble.py ...", flush=True)
+    print("ensembles: training (or reusing) the MLP members of member.yaml ...", flush=True)
     ms = train_members(CONFIGS / "member.yaml", range(members), MEMBERS_OUT, workdir, overrides=overrides)
     checkpoints = [m.checkpoint for m in ms]
     ensemble = Ensemble(checkpoints=checkpoints, rule="mean_probs")
@@ -573,7 +573,8 @@ def main() -> None:
             [
                 "## 5. Ensembles distilled into one model\n",
                 "Paper (speech): baseline 58.9%, 10-model ensemble 61.1%, distilled single model 60.8% (over 80% of "
-                "the gain kept). Ours: the members and students of `scripts/distill_ensemble.py` (the same stages, reused when finished).\n",
+                "the gain kept). Ours: 4 MLP members of `member.yaml` and students of `distill_ensemble.yaml` "
+                "(CNN members: docs/ensembles.md).\n",
                 "| model | runs | test acc (%) |",
                 "|---|---:|---:|",
                 f"| member | {len(ens['members'])} | {mean_std(ens['members'], sample=False)} |",
