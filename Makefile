@@ -37,10 +37,10 @@ benchmark-cache: setup ## soft-target cache: epoch time, build throughput, bytes
 benchmark-specialists: setup ## generalist + specialists on synthetic data and Fashion-MNIST
 	$(BIN)/python scripts/benchmark_specialists.py
 
-study-ensembles: setup ## single MLPs vs ensembles of smaller MLPs: accuracy against FLOPs and latency, plot
+study-ensembles: setup ## single CNNs vs ensembles of smaller CNNs: accuracy against FLOPs and latency, plot
 	$(BIN)/python scripts/study_ensembles.py
 
-distill-ensemble: setup ## 4 members -> ensemble -> one distilled student; share of the ensemble's gain kept
+distill-ensemble: setup ## 3 CNN members -> ensemble -> distilled CNNs at 8 and 20 epochs; share of the ensemble's gain kept
 	$(BIN)/python scripts/distill_ensemble.py
 
 benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU

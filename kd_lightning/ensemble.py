@@ -89,6 +89,32 @@ def combine_logits(logits: Tensor, rule: str = "mean_probs") -> Tensor:
     return RULES[rule](logits.float())
 
 
+def disagreement(logits: Tensor) -> float:
+    """Share of samples on which the members' top-1 predictions are not all the same.
+
+    Args:
+        logits: ``(M, N, C)``: ``M >= 2`` members, ``N >= 1`` samples, ``C`` classes.
+
+    Returns:
+        The fraction of the ``N`` samples where at least one member's argmax differs from another's.
+
+    Raises:
+        ValueError: ``logits`` not 3-dimensional, or fewer than two members or no samples.
+
+    Example:
+        >>> z = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]]])  # 2 members, 2 samples
+        >>> disagreement(z)  # they agree on the first sample, not on the second
+        0.5
+    """
+    if logits.dim() != 3 or logits.shape[0] < 2 or logits.shape[1] == 0:
+        raise ValueError(
+            f"`logits` must be (members, samples, classes) with members >= 2 and samples >= 1, "
+            f"got {tuple(logits.shape)}."
+        )
+    top1 = logits.argmax(-1)
+    return float((top1 != top1[:1]).any(dim=0).float().mean())
+
+
 def classification_metrics(log_probs: Tensor, target: Tensor, n_bins: int = ECE_BINS) -> dict[str, float]:
     """Accuracy, mean negative log-likelihood and ECE (:mod:`kd_lightning.calibration`) of predicted
     log-probabilities ``(N, C)``."""

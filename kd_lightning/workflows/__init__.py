@@ -41,6 +41,7 @@ WORKFLOWS: dict[str, str] = {
     "summary": "kd_lightning.summary:summarize",
     "fill-store": "kd_lightning.workflows.fill_store:fill_store",
     "choose": "kd_lightning.workflows.selection:choose_on_validation",
+    "ensemble-kd": "kd_lightning.workflows.ensemble_distillation:distil_ensemble",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 
