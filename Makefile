@@ -25,7 +25,7 @@ test: setup ## run the whole test suite
 test-fast: setup ## the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
-demo: setup ## the main job (<= 15 min): teacher, cache, students, ensemble, specialists; one table
+demo: setup ## the main job (<= 15 min): distillation, ensemble distillation and specialists, each beside its baseline over 2 seeds
 	$(BIN)/python scripts/main_job.py
 
 benchmark: setup ## KD benchmark: one teacher, 3 student seeds alone vs distilled
