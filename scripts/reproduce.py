@@ -76,7 +76,7 @@ class Budgets:
 
     teacher: int = 150
     student: int = 100
-    sweep: tuple[int, ...] = (40, 100)
+    sweep: tuple[int, ...] = (100, 200)
     small: int = 300
     seeds: tuple[int, ...] = (1, 2, 3)
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 20.0)
