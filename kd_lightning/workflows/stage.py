@@ -11,6 +11,7 @@ by the stage's details (e.g. a specialist's group and classes), so that a reader
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -286,8 +287,6 @@ def validation_curve(result: StageResult, metric: str = "val/acc") -> list[float
         FileNotFoundError: the run has no ``metrics.csv`` (its config has no CSVLogger).
         ValueError: ``metric`` is not a column of it (the message lists the columns).
     """
-    import csv
-
     run_dir = Path(result.checkpoint).parent.parent
     files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
     if not files:
