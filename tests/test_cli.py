@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
 from kd_lightning.cli import main
 from kd_lightning.datamodules import FashionMNIST
+from kd_lightning.loggers import KDWandbLogger
 from kd_lightning.workflows.members import train_members
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +79,7 @@ def test_every_shipped_yaml_parses(config, capsys):
     assert "class_path" in printed and "model:" in printed and "data:" in printed
     # One run, one directory: no config spells a checkpoint or log directory of its own (kd derives them).
     assert "dirpath: null" in printed or "ModelCheckpoint" not in printed
-    assert "save_dir: null" in printed and "overwrite: false" in printed
+    assert ("save_dir: null" in printed or "logger: false" in printed) and "overwrite: false" in printed
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -112,12 +115,27 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
     seed = yaml.safe_load(text)["seed_everything"]
     run_dir = tmp_path / yaml.safe_load(text)["trainer"]["default_root_dir"] / f"seed{seed}"
     assert Path(cli.trainer.default_root_dir).resolve() == run_dir.resolve()
-    assert Path(cli.trainer.logger.save_dir) == run_dir.resolve()
-    assert cli.config.trainer.logger.init_args.name == f"{run_dir.parent.name}-seed{seed}"
+    wandb = [x for x in cli.trainer.loggers if isinstance(x, KDWandbLogger)]
+    assert [Path(x.save_dir) for x in wandb] == [run_dir.resolve()] or not cli.trainer.loggers
+    entries = (
+        cli.config.trainer.logger
+        if isinstance(cli.config.trainer.logger, list)
+        else [cli.config.trainer.logger]
+    )
+    named = [
+        x.init_args.name
+        for x in entries
+        if isinstance(x, Namespace) and x.class_path.endswith("KDWandbLogger")
+    ]
+    assert named in ([f"{run_dir.parent.name}-seed{seed}"], [])
+    # A CSVLogger (metrics.csv beside W&B) writes under the run directory too.
+    csv = [x for x in cli.trainer.loggers if isinstance(x, CSVLogger)]
+    assert all(Path(x.save_dir).resolve().is_relative_to(run_dir.resolve()) for x in csv)
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     assert {Path(c.dirpath) for c in checkpoints if c.dirpath} <= {(run_dir / "checkpoints").resolve()}
     if config.name != "ensemble.yaml":  # every config that trains: final.ckpt, and last.ckpt every N steps
-        assert any(c.filename == "final" and c.save_last for c in checkpoints)
+        # The stage's model: final.ckpt, or the best epoch of a monitored metric (early stopping).
+        assert any((c.filename == "final" or c.monitor) and c.save_last for c in checkpoints)
         assert any(c.save_last and c.save_top_k == 0 and c._every_n_train_steps > 0 for c in checkpoints)
 
 
