@@ -74,6 +74,16 @@ def test_validation_curves_are_read_from_the_csv_logs(mechanism):
         validation_curve(r.alone[0], "val/nothing")
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [({"temperatures": ()}, "`temperatures` is empty"), ({"budgets": (0,)}, "`budgets` >= 1 epoch")],
+)
+def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        temperature_sweep(CONFIGS / "mlp_distill.yaml", tmp_path / "none.ckpt", "runs/sweep", tmp_path, **bad)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_without_csv_logs_is_named(tmp_path):
     result = StageResult("x", "kd fit", str(tmp_path / "run" / "checkpoints" / "final.ckpt"), 0.5, 1, 1.0)
     with pytest.raises(FileNotFoundError, match="stage 'x': no csv/version_\\*/metrics.csv"):

@@ -48,7 +48,23 @@ def temperature_sweep(
 
     Returns:
         Rows ``{"student", "hidden", "T", "epochs", "seed", "val_acc", "test_acc"}``.
+
+    Raises:
+        ValueError: an empty ``students``, ``temperatures``, ``budgets`` or ``seeds``; a temperature <= 0 or a
+            budget below one epoch (before anything runs).
     """
+    for name, given in (
+        ("students", students),
+        ("temperatures", temperatures),
+        ("budgets", budgets),
+        ("seeds", seeds),
+    ):
+        if not given:
+            raise ValueError(f"`{name}` is empty: give at least one.")
+    if min(temperatures) <= 0 or min(budgets) < 1:
+        raise ValueError(
+            f"`temperatures` must be > 0 and `budgets` >= 1 epoch, got {list(temperatures)} and {list(budgets)}."
+        )
     root = (Path(workdir) / out).resolve()
     store = store_args(root / "soft_targets", teacher_checkpoint)
     rows = []
