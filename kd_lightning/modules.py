@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.cache.protocols import ClassCount, TeacherCarrier
 from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.frozen import FrozenNetworks
+from kd_lightning.models import checkpoint_weights
 from kd_lightning.objectives import HintonKD, Objective
 from kd_lightning.optim import Schedule
 
@@ -409,5 +410,7 @@ def load_teacher(path: str | Path) -> L.LightningModule:
     # keyword arguments a class does not take, so this is harmless for a ClassifierModule.
     # weights_only=False: hyperparameters may hold network factories (classes, partials); a teacher
     # checkpoint is code you chose to run, like any pickle.
-    teacher = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, teacher_ckpt=None)
+    # The checkpoint's weights replace pretrained ones: networks are built without them (no download).
+    with checkpoint_weights():
+        teacher = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, teacher_ckpt=None)
     return teacher.eval().requires_grad_(False)
