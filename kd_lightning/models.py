@@ -375,12 +375,16 @@ class TorchvisionNet(nn.Module):
                 from torchvision.models.vision_transformer import interpolate_embeddings
 
                 state = interpolate_embeddings(height, model.patch_size, state)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
+            own = model.state_dict()
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+            if missing or unexpected or shapes:
                 raise ValueError(
                     f"`weights` {weights!r} do not fit torchvision's {name!r}: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}."
+                    f"unexpected {unexpected[:5]}, different shapes {shapes[:5]}."
                 )
+            model.load_state_dict(state)
         if _outputs(model.get_submodule(family.head)) != num_classes:
             model.set_submodule(family.head, _new_head(model.get_submodule(family.head), num_classes))
         stem = model.get_submodule(family.stem)
