@@ -5,6 +5,7 @@ the first two arguments come from the DataModule (linked by the CLI), the rest f
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -449,7 +450,7 @@ class TimmNet(nn.Module):
                 "or use kd_lightning.models.TorchvisionNet."
             ) from err
         if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('.')[0]}*")[:20]
+            close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=10)
             raise ValueError(
                 f"`name`: timm has no model {name!r}; close names: {', '.join(close) or 'none'}."
             )

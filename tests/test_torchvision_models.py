@@ -163,3 +163,17 @@ def test_checkpoint_reload_needs_no_pretrained_file(tmp_path):
 def test_timm_without_timm_is_a_clear_error():
     with pytest.raises(ImportError, match="pip install timm"):
         TimmNet(SHAPE, 4, "resnet18")
+
+
+def test_timm_networks_when_timm_is_installed(tmp_path):
+    timm = pytest.importorskip("timm")
+    net = TimmNet((1, 32, 32), 5, "resnet18")
+    assert (
+        net(torch.zeros(2, 1, 32, 32)).shape == (2, 5) and head_layer(net)[0] == net.head_name == "model.fc"
+    )
+    imagenet = timm.create_model("resnet18")
+    torch.save(imagenet.state_dict(), tmp_path / "r18.pt")
+    loaded = TimmNet(SHAPE, 5, "resnet18", weights=str(tmp_path / "r18.pt"))
+    assert torch.equal(loaded.model.conv1.weight, imagenet.conv1.weight) and loaded.model.fc.out_features == 5
+    with pytest.raises(ValueError, match="close names: .*resnet18"):
+        TimmNet(SHAPE, 5, "resnet19")
