@@ -8,6 +8,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -124,3 +125,14 @@ def test_finetune_then_distil_torchvision_networks_on_an_image_folder(tmp_path, 
             expected = teacher(train.input_of(index, view)[None])
         torch.testing.assert_close(store.lookup([index], [view]), expected, atol=2e-2, rtol=1e-2)
     assert not torch.equal(train.input_of(5, 0), train.input_of(5, 3))
+
+
+def test_a_misshaped_folder_stops_the_run_before_any_logger_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/my_images/train").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data/my_images/train/loose.png")  # no class folders
+    args = ["fit", "--config", str(CONFIGS / "teacher_finetune.yaml"), *QUICK]
+    # jsonargparse re-raises errors of construction as ValueError with the original message inside.
+    with pytest.raises((FileNotFoundError, ValueError), match="no class folders in"):
+        main(args)
+    assert not (tmp_path / "runs").exists()  # no W&B run, CSV file or checkpoint directory
