@@ -64,13 +64,7 @@ DEBUG_VARIABLE = "KD_DEBUG"
 
 
 def debug_enabled() -> bool:
-    """Whether ``kd`` shows full tracebacks (``KD_DEBUG`` set and not ``0``; ``kd --debug`` sets it).
-
-    Example:
-        >>> os.environ.pop("KD_DEBUG", None) and None
-        >>> debug_enabled()
-        False
-    """
+    """Whether ``kd`` shows full tracebacks (``KD_DEBUG`` set and not ``0``; ``kd --debug`` sets it)."""
     return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
