@@ -32,7 +32,7 @@ chosen by class_path; a teacher's soft targets can be cached once and reused by 
 
 EXAMPLES = """\
 examples:
-  kd configs my_configs                                     # copy the shipped configs out (installed with kd)
+  kd configs                                                # copy the shipped configs (installed with kd) to ./configs
   kd fit --config configs/fashion_mnist/teacher.yaml        # fit a teacher
   kd fit --config configs/fashion_mnist/distill_cached.yaml # distil a student through the soft-target cache
   kd fit --config configs/fashion_mnist/distill.yaml --ckpt_path last   # resume the run's newest checkpoint
