@@ -19,7 +19,9 @@ arguments taken from the function's signature and docstring (:func:`console`).
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +40,7 @@ import kd_lightning.callbacks  # noqa: F401  (registers callbacks for class_path
 import kd_lightning.datamodules
 import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
+import kd_lightning.resnets  # noqa: F401  (its networks are listed in the help of network arguments)
 import kd_lightning.specialists  # noqa: F401
 from kd_lightning.callbacks.run_identity import (
     HPC_PREFIX,
@@ -47,8 +50,11 @@ from kd_lightning.callbacks.run_identity import (
     run_directory,
     seed_name,
 )
+from kd_lightning.cli_errors import BuildError, failing_argument
+from kd_lightning.cli_help import DEBUG_VARIABLE, EXAMPLES, KDArgumentParser, debug_enabled
 from kd_lightning.launch import check_trainer_arguments
 from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
+from kd_lightning.shipped import copy_configs
 
 
 def _class_of(class_path: str) -> type:
@@ -187,6 +193,8 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
 
 def _cli_arguments() -> dict[str, Any]:
     return dict(
+        # kd's description, "known subclasses" lists cut to kd-lightning's classes, parse errors in two lines.
+        parser_class=KDArgumentParser,
         model_class=L.LightningModule,
         datamodule_class=kd_lightning.datamodules.IndexedDataModule,
         subclass_mode_model=True,
@@ -226,6 +234,39 @@ def parse_config(args: list[str]) -> Namespace:
     return _ParseOnly(**_cli_arguments(), args=args, run=False).config
 
 
+class _ConsoleCLI(KDCLI):
+    """``kd`` as run from a shell: an error while building the configured classes, or while setting up before
+    the first training step, is raised as a :class:`~kd_lightning.cli_errors.BuildError` naming the argument
+    at fault (``console`` prints it in two lines); ``KD_DEBUG=1`` leaves every error as it was raised.
+    :func:`main` (scripts, workflows, tests) keeps the original exceptions."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            if debug_enabled():
+                raise
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise BuildError(failing_argument(error, config), error) from error
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise
+        except Exception as error:
+            # Only before anything trained (data not found, a network that cannot take the data, ...), and
+            # only when a configured class is at fault: a later error keeps its traceback for the log.
+            argument = (
+                None
+                if debug_enabled() or self.trainer.global_step
+                else failing_argument(error, self.config[subcommand])
+            )
+            if argument is None:
+                raise
+            raise BuildError(argument, error, stage="setting up") from error
+
+
 def _workflow_lines() -> list[str]:
     from kd_lightning.workflows import WORKFLOWS, summary_line
 
@@ -234,32 +275,37 @@ def _workflow_lines() -> list[str]:
 
 
 def console(argv: list[str] | None = None) -> None:
-    """The ``kd`` console script: ``kd fit|validate|test|predict ...`` (LightningCLI) or ``kd <workflow> ...``
-    (:mod:`kd_lightning.workflows`).
+    """The ``kd`` console script (also ``python -m kd_lightning``): ``kd fit|validate|test|predict ...``
+    (LightningCLI), ``kd <workflow> ...`` (:mod:`kd_lightning.workflows`), ``kd configs [DEST]`` (copy the
+    shipped configs out), ``kd --version``, ``kd --help``. A first argument ``--debug`` sets ``KD_DEBUG=1``.
 
     Exit status 0 on success (``sys.exit(main())`` would print the CLI object and exit 1), 143
     (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a ``SystemExit`` without a
     status, which would read as success to a shell or a SLURM job (a workflow's fits likewise). An unknown
-    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2.
+    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2;
+    an argument that does not parse exits with 2 and a configured class that fails to build (or finds no
+    data) with 1, each in two lines on stderr (:func:`report_error`; ``KD_DEBUG=1`` for the traceback).
     """
     from kd_lightning.workflows import WORKFLOWS, run_workflow
     from kd_lightning.workflows.stage import own_argv
 
-    given = argv  # None: LightningCLI reads sys.argv itself (given both, it warns)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_VARIABLE] = "1"
+        argv = argv[1:]
     lightning = ("fit", "validate", "test", "predict")
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"kd-lightning {kd_lightning.__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help"):
-        try:
-            with own_argv():
-                main(["--help"])
-        except SystemExit as done:  # LightningCLI printed its help; the workflows follow
-            if done.code not in (0, None):
-                raise
-        print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
+        print_help()
         sys.exit(0 if argv else 2)
+    if argv[0] == "configs":
+        copy_configs_command(argv[1:])
+        return
     if not argv[0].startswith("-") and argv[0] not in (*lightning, *WORKFLOWS):
         print(
-            f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS])} "
+            f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS, 'configs'])} "
             "(kd --help describes them).",
             file=sys.stderr,
         )
@@ -268,9 +314,54 @@ def console(argv: list[str] | None = None) -> None:
         if argv[0] in WORKFLOWS:
             run_workflow(argv[0], argv[1:])
         else:
-            main(given)
+            with own_argv():  # the arguments are given explicitly (`--debug` taken out)
+                _ConsoleCLI(**_cli_arguments(), args=argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
+    except BuildError as error:
+        report_error(argv[0], error)
+        sys.exit(1)
+
+
+def print_help() -> None:
+    """``kd --help``: kd-lightning's description and LightningCLI's subcommands, the workflows, ``kd configs``
+    and examples (:data:`~kd_lightning.cli_help.EXAMPLES`)."""
+    from kd_lightning.workflows.stage import own_argv
+
+    try:
+        with own_argv():
+            main(["--help"])
+    except SystemExit as done:  # LightningCLI printed its help; the workflows follow
+        if done.code not in (0, None):
+            raise
+    print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
+    print("\nconfigs:\n  kd configs [DEST]  copy the shipped configs into DEST (default: ./configs)")
+    print("\n" + EXAMPLES)
+
+
+def copy_configs_command(argv: list[str]) -> None:
+    """``kd configs [DEST] [--overwrite]``: :func:`~kd_lightning.shipped.copy_configs`, then one line naming
+    what was written; exit status 1, with the reason, when a file exists or no configs are installed."""
+    parser = argparse.ArgumentParser(
+        prog="kd configs", description=(copy_configs.__doc__ or "").partition("\n")[0]
+    )
+    parser.add_argument("dest", nargs="?", default="configs", help="folder to copy into (default: configs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace configs that exist in DEST")
+    options = parser.parse_args(argv)
+    try:
+        written = copy_configs(options.dest, overwrite=options.overwrite)
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"kd configs: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{len(written)} configs written under {options.dest}/, e.g. kd fit --config {written[0]}")
+
+
+def report_error(subcommand: str, error: BuildError) -> None:
+    """Print ``error`` in two lines on stderr: what failed, and how to see the full traceback."""
+    print(
+        f"kd {subcommand}: error: {error}\n(the full traceback: KD_DEBUG=1 kd ... or kd --debug {subcommand} ...)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
