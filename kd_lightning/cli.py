@@ -49,6 +49,7 @@ from kd_lightning.callbacks.run_identity import (
 )
 from kd_lightning.launch import check_trainer_arguments
 from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
+from kd_lightning.progress import PlainProgress, wants_plain_progress
 
 
 def _class_of(class_path: str) -> type:
@@ -117,8 +118,15 @@ class KDCLI(LightningCLI):
         place_run(self.config[self.subcommand] if self.subcommand else self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        given = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         # Checked as given: Lightning silently turns 16-mixed into bf16 on CPU and takes SLURM's world size.
-        check_trainer_arguments({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        check_trainer_arguments(given)
+        if wants_plain_progress(given):  # stdout is a file (SLURM, `> log`): lines, not a redrawn bar
+            callbacks = given.get("callbacks") or []
+            kwargs["callbacks"] = [
+                *(callbacks if isinstance(callbacks, list) else [callbacks]),
+                PlainProgress(),
+            ]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

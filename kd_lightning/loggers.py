@@ -22,9 +22,11 @@ its own copy.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import netrc
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -177,6 +179,14 @@ class KDWandbLogger(WandbLogger):
             **{k: v for k, v in extra.items() if v is not None},
             **init_kwargs,
         )
+        # Lightning passes `anonymous=None`, which wandb >= 0.19 answers with a deprecation warning.
+        self._wandb_init.pop("anonymous", None)
+        if "settings" not in init_kwargs and not sys.stderr.isatty():
+            import wandb
+
+            # In a log file: no history sparklines and per-key summary table when the run ends (one line per
+            # metric, hundreds with per-class keys), no links to docs; the run's place is still printed.
+            self._wandb_init["settings"] = wandb.Settings(quiet=True)
         # The hint is printed when the run starts, where the user sees the rest of its output.
         self._hint = wandb_mode == "offline" and mode == "auto"
 
@@ -232,6 +242,10 @@ class KDWandbLogger(WandbLogger):
         if self._hint:
             rank_zero_info(SETUP_HINT.format(dir=save_dir))
             self._hint = False
+        if run.id not in _OWNED_RUNS and getattr(self, "_attach_id", None) is None:
+            # Finished by this handler, which runs before wandb's own exit hook (registered earlier): a run
+            # finished by that hook prints its closing lines with ANSI colour codes even into a log file.
+            atexit.register(run.finish)
         _OWNED_RUNS.add(run.id)
         return run
 
