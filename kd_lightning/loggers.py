@@ -121,7 +121,7 @@ class KDWandbLogger(WandbLogger):
         save_dir: directory of the run (W&B writes ``<save_dir>/wandb/``; the CLI saves
             ``config.yaml`` here; dashboard pictures go under it). ``None``: the run directory when
             ``kd`` builds the logger (see :func:`kd_lightning.cli.place_run`), else ``runs``.
-        name: the run's display name (``kd`` names an unnamed run ``<root name>-seed<seed>``).
+        name: the run's display name (``kd`` names an unnamed run ``[<job_type>-]<root name>-seed<seed>``).
         project: W&B project.
         group: W&B group (e.g. one per experiment, so teacher, student and distilled student sit together).
         tags: W&B tags.
