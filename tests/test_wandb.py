@@ -250,7 +250,8 @@ def test_two_cli_runs_in_a_row_from_the_same_config_and_directory(tmp_path, monk
     runs = [read_run(f) for f in files]
     assert runs[0].run_id != runs[1].run_id
     for run in runs:
-        assert run.config["cli"]["trainer"]["logger"]["init_args"]["group"] == "cli"  # full resolved config
+        wandb_logger, csv_logger = run.config["cli"]["trainer"]["logger"]  # full resolved config
+        assert wandb_logger["init_args"]["group"] == "cli" and csv_logger["class_path"].endswith("CSVLogger")
         assert run.config["cli"]["model"]["init_args"]["net"]["init_args"]["hidden"] == [8]
         assert is_finite_number(run.last("dashboard/student_ece"))
         assert (run.path.parent / "files" / "kd_config.yaml").is_file()
