@@ -12,6 +12,10 @@ done and how long the rest will take.
 
 On a terminal the line is a live tqdm bar; in a log file (SLURM, CI) one plain line is printed after
 each item, so the log shows the estimate without carriage-return noise. Only global rank 0 prints.
+
+Inside one fit, :class:`PlainProgress` is a Lightning progress bar made of the same lines (per epoch, and
+every N steps of a long epoch); ``kd`` uses it instead of Lightning's bar when standard output is not a
+terminal (:func:`wants_plain_progress`). See docs/logging.md.
 """
 
 from __future__ import annotations
