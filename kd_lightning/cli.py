@@ -7,7 +7,7 @@ repeats them. This module is the one place in ``kd_lightning`` that imports ``da
 One run, one directory (:func:`place_run`): the run directory is ``<trainer.default_root_dir>/seed<seed>``
 and becomes ``trainer.default_root_dir``; a ModelCheckpoint without a ``dirpath`` writes to
 ``<run dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, named
-``<root name>-seed<seed>`` unless named. Every run gets a :class:`~kd_lightning.callbacks.RunIdentity` (the ``--run.*``
+``[<job_type>-]<root name>-seed<seed>`` unless named, and a CSVLogger writes ``<run dir>/csv/``. Every run gets a :class:`~kd_lightning.callbacks.RunIdentity` (the ``--run.*``
 arguments): it refuses to overwrite another run's checkpoints (``--run.overwrite=true`` allows it) and
 saves ``last.ckpt`` on SIGTERM. ``--ckpt_path last`` resumes from the run's newest ``last*.ckpt`` or
 ``hpc_ckpt_*.ckpt`` and continues the same W&B run. See docs/resume.md.
@@ -48,12 +48,13 @@ from kd_lightning.callbacks.run_identity import (
     last_checkpoint,
     read_run_record,
     run_directory,
-    seed_name,
+    run_name,
 )
 from kd_lightning.cli_errors import BuildError, failing_argument
 from kd_lightning.cli_help import DEBUG_VARIABLE, EXAMPLES, KDArgumentParser, debug_enabled
 from kd_lightning.launch import check_trainer_arguments
 from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
+from kd_lightning.progress import PlainProgress, wants_plain_progress
 from kd_lightning.shipped import copy_configs
 
 
@@ -74,8 +75,9 @@ def place_run(config: Namespace) -> Path:
     ``trainer.default_root_dir`` becomes the run directory (:func:`~kd_lightning.callbacks.run_identity.run_directory`),
     ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, CSVLoggers with a relative
     ``save_dir`` write under the run directory (``save_dir: .`` is the run directory), KDWandbLoggers without a
-    ``save_dir`` log to the run directory (named ``<root name>-seed<seed>`` unless named), and
-    ``run.run_dir``/``run.seed`` record it. Paths given explicitly are kept.
+    ``save_dir`` log to the run directory (named by :func:`~kd_lightning.callbacks.run_identity.run_name` unless named), a CSVLogger is added
+    beside the others (:func:`add_csv_logger`), and ``run.run_dir``/``run.seed`` record it. Paths given
+    explicitly are kept.
 
     Returns:
         The run directory.
@@ -98,11 +100,25 @@ def place_run(config: Namespace) -> Path:
             if logger.init_args.save_dir is None:
                 logger.init_args.save_dir = str(run_dir)
             if logger.init_args.name is None:
-                logger.init_args.name = (
-                    f"{run_dir.parent.name or run_dir.resolve().parent.name}-{seed_name(seed)}"
-                )
+                root_name = run_dir.parent.name or run_dir.resolve().parent.name
+                logger.init_args.name = run_name(root_name, seed, logger.init_args.job_type)
+    add_csv_logger(trainer, run_dir)
     config.run.run_dir, config.run.seed = str(run_dir), seed
     return run_dir
+
+
+def add_csv_logger(trainer: Namespace, run_dir: Path) -> None:
+    """Log to ``<run_dir>/csv/version_N/metrics.csv`` beside the configured loggers (W&B), so that a run's
+    metrics can be read without W&B: a CSVLogger is appended to ``trainer.logger`` when it names loggers
+    and none is a CSVLogger (``logger: false`` stays without loggers; a config's own CSVLogger is kept).
+    """
+    entries = _class_args(trainer.logger)
+    if not entries or any(issubclass(_class_of(e.class_path), CSVLogger) for e in entries):
+        return
+    csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger")
+    # Absolute: a relative `save_dir` is read against the run directory (a rerun of the saved config).
+    csv.init_args = Namespace(save_dir=str(run_dir.absolute()), name="csv")
+    trainer.logger = [*entries, csv]
 
 
 class KDCLI(LightningCLI):
@@ -123,8 +139,15 @@ class KDCLI(LightningCLI):
         place_run(self.config[self.subcommand] if self.subcommand else self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        given = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         # Checked as given: Lightning silently turns 16-mixed into bf16 on CPU and takes SLURM's world size.
-        check_trainer_arguments({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        check_trainer_arguments(given)
+        if wants_plain_progress(given):  # stdout is a file (SLURM, `> log`): lines, not a redrawn bar
+            callbacks = given.get("callbacks") or []
+            kwargs["callbacks"] = [
+                *(callbacks if isinstance(callbacks, list) else [callbacks]),
+                PlainProgress(),
+            ]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
