@@ -10,7 +10,8 @@ Products, logged when ``fit`` ends (and a ``validate`` run, for the groups file)
   type ``class-groups``.
 
 Inputs, recorded when training starts: the teacher checkpoint (the module's ``teacher_ckpt`` or the
-cache's), the stores served from disk, and a specialist's ``generalist_ckpt`` / ``groups_file``.
+cache's), every member checkpoint of an ensemble teacher (or of an ensemble module) under ``members``, the
+stores served from disk, and a specialist's ``generalist_ckpt`` / ``groups_file``.
 They always go into the run's config under ``lineage`` (path, SHA-256 or fingerprints, artifact
 name), so an offline run keeps them too; an online run also marks them as used artifacts
 (``run.use_artifact``; it raises offline, hence only online), which draws the lineage graph in W&B.
@@ -37,6 +38,7 @@ from typing_extensions import override
 
 from kd_lightning.callbacks.confusion_clustering import ConfusionClustering
 from kd_lightning.callbacks.soft_target_cache import SoftTargetCache
+from kd_lightning.ensemble import Ensemble
 from kd_lightning.loggers import wandb_loggers, wandb_run
 from kd_lightning.store import HEADER, file_sha256, read_header
 
@@ -49,6 +51,17 @@ def artifact_name(kind: str, path: str | Path) -> str:
         path = path.relative_to(Path.cwd())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(path)).strip("-.")
     return f"{kind}-{slug}"[-128:].lstrip("-.")
+
+
+def member_checkpoints(pl_module: L.LightningModule) -> list[str]:
+    """The member checkpoints of every :class:`~kd_lightning.ensemble.Ensemble` in ``pl_module`` (a
+    student's ensemble teacher, an ensemble module's network), in order; none for members given as modules."""
+    return [
+        path
+        for module in pl_module.modules()
+        if isinstance(module, Ensemble) and module.checkpoints
+        for path in module.checkpoints
+    ]
 
 
 class ArtifactLogger(Callback):
@@ -134,6 +147,18 @@ class ArtifactLogger(Callback):
                     "artifact": name,
                 }
                 used.append(self._file_artifact(name, kind, path))
+        for i, path in enumerate(member_checkpoints(pl_module)):
+            if Path(path).is_file():
+                name = artifact_name("model", path)
+                inputs.setdefault("members", []).append(
+                    {
+                        "member": i,
+                        "path": str(Path(path).resolve()),
+                        "sha256": file_sha256(path),
+                        "artifact": name,
+                    }
+                )
+                used.append(self._file_artifact(name, "model", path))
         for cache in caches:
             for split in cache.splits:
                 store = Path(cache.path) / split

@@ -49,6 +49,23 @@ def seed_name(seed: int | None) -> str:
     return "unseeded" if seed is None else f"seed{seed}"
 
 
+def run_name(root_name: str, seed: int | None, stage: str | None = None) -> str:
+    """The W&B name of a run: ``<stage>-<root name>-seed<seed>``, the stage (a logger's ``job_type``) left
+    out when the root's name already starts with it. The root's name carries a member's or specialist's
+    index (the workflows give each its own root: ``member_<k>``, ``group<g>``).
+
+    Example:
+        >>> run_name("teacher", 0, "teacher"), run_name("group3", 1, "specialist"), run_name("member_2", 2, "member")
+        ('teacher-seed0', 'specialist-group3-seed1', 'member_2-seed2')
+        >>> run_name("x", None)
+        'x-unseeded'
+    """
+    parts = [root_name, seed_name(seed)]
+    if stage and not root_name.startswith(stage):
+        parts.insert(0, stage)
+    return "-".join(parts)
+
+
 def run_directory(root: str | Path, seed: int | None) -> Path:
     """The run directory of ``root`` (``trainer.default_root_dir``) and ``seed``: ``root/seed<seed>``,
     or ``root`` itself when it already is that seed's directory (a run's saved config given back).

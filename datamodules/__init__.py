@@ -12,7 +12,7 @@ from kd_lightning.datamodules.folder import ImageFolder
 from kd_lightning.datamodules.idx import MNIST, FashionMNIST, read_idx
 from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
 from kd_lightning.datamodules.tabular import MNIST1D, Digits, Synthetic
-from kd_lightning.datamodules.transforms import RandomRoll, RandomShift
+from kd_lightning.datamodules.transforms import RandomRoll, RandomShift, TorchvisionTransform
 
 __all__ = [
     "ClassificationSource",
@@ -32,5 +32,6 @@ __all__ = [
     "GroupOversampler",
     "RandomRoll",
     "RandomShift",
+    "TorchvisionTransform",
     "read_idx",
 ]

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
 from kd_lightning.contracts import NamedClasses
 from kd_lightning.datamodules.resumable import ResumableLoader
-from kd_lightning.datamodules.transforms import Transform, replay_seed
+from kd_lightning.datamodules.transforms import TorchvisionTransform, Transform, replay_seed
 
 VIEW_SCHEDULES = ("cycle", "random")
 # Salt that keeps the "random" view schedule's draws independent of the augmentations' own seeds.
@@ -36,12 +37,19 @@ class ClassificationSource(ABC):
     Subclasses set ``name``, ``num_classes``, ``input_shape`` and ``class_names`` (attributes or
     properties) and implement :meth:`load`. :meth:`prepare` downloads or checks files; Lightning calls
     it on one process only.
+
+    Sources whose files are not yet inputs (an image folder's pictures) set ``preprocess``: the
+    deterministic step from a dataset item to the un-augmented input tensor. A source with its own
+    validation split returns it from :meth:`load_val`; one without a test split sets ``has_test`` false
+    (the DataModule then tests on the validation split).
     """
 
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
     class_names: list[str]
+    preprocess: Callable[[Any], Tensor] | None = None
+    has_test: bool = True
 
     def prepare(self) -> None:  # noqa: B027 - optional hook, most sources have nothing to fetch
         """Fetch or check files; runs once per node before :meth:`load`."""
@@ -50,6 +58,11 @@ class ClassificationSource(ABC):
     def load(self, train: bool) -> tuple[Dataset, Tensor]:
         """Return the training (``train=True``) or test split as a dataset of ``(input, target)`` pairs
         and the 1-D int64 tensor of all its targets."""
+
+    def load_val(self) -> tuple[Dataset, Tensor] | None:
+        """The source's own validation split, like :meth:`load`; ``None`` (the default): the DataModule
+        carves it out of the training split (``val_size``)."""
+        return None
 
 
 class IndexedDataset(Dataset, ReplayableDataset):
@@ -69,12 +82,16 @@ class IndexedDataset(Dataset, ReplayableDataset):
         source: dataset of ``(input, target)`` pairs.
         targets: all targets of ``source``.
         indices: positions in ``source`` this view exposes, in order.
-        transform: applied to each input (training augmentation); ``None`` for evaluation.
+        transform: applied to each input (training augmentation); ``None`` for evaluation. A transform
+            with ``raw_input`` (a torchvision pipeline, :class:`~kd_lightning.datamodules.TorchvisionTransform`)
+            takes the source's item itself instead of its ``preprocess``-ed input.
         augment_seed: seed of replayable augmentation; ``None`` draws from torch's global RNG (not
             replayable, and items have no ``"view"``).
         views: number of distinct views per sample; ``None`` gives a new view every epoch.
         view_schedule: ``"cycle"`` (view ``epoch % views``) or ``"random"`` (a seeded draw from
             ``(augment_seed, index, epoch)`` in ``[0, views)``).
+        preprocess: deterministic step from a ``source`` item to the un-augmented input (e.g. an image
+            file's resize, crop and normalisation); ``None``: items are inputs already.
     """
 
     def __init__(
@@ -86,9 +103,11 @@ class IndexedDataset(Dataset, ReplayableDataset):
         augment_seed: int | None = None,
         views: int | None = None,
         view_schedule: str = "cycle",
+        preprocess: Callable[[Any], Tensor] | None = None,
     ) -> None:
         check_replay(augment_seed, views, view_schedule)
         self.source = source
+        self.preprocess = preprocess
         self.indices = indices.long()
         self.targets = targets[self.indices]
         self.transform = transform
@@ -122,13 +141,23 @@ class IndexedDataset(Dataset, ReplayableDataset):
         """Input of sample ``index`` (a position in ``source``): augmentation view ``view``, or the
         un-augmented input for ``None``."""
         x, _ = self.source[index]
-        return x if view is None else self._augment(x, index, view)
+        return self._plain(x) if view is None else self._augment(x, index, view)
 
-    def _augment(self, x: Tensor, index: int, view: int) -> Tensor:
+    def _plain(self, x: Any) -> Tensor:
+        return _as_input(x if self.preprocess is None else self.preprocess(x), "eval_transform")
+
+    def _transformed(self, x: Any, generator: torch.Generator | None = None) -> Tensor:
         if self.transform is None:
-            return x
+            return self._plain(x)
+        if self.transform.raw_input:
+            return _as_input(self.transform(x, generator=generator), "train_transform")
+        return self.transform(self._plain(x), generator=generator)
+
+    def _augment(self, x: Any, index: int, view: int) -> Tensor:
+        if self.transform is None:
+            return self._plain(x)
         generator = torch.Generator().manual_seed(replay_seed(self.augment_seed, index, view))
-        return self.transform(x, generator=generator)
+        return self._transformed(x, generator)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -139,9 +168,38 @@ class IndexedDataset(Dataset, ReplayableDataset):
         if self.augment_seed is not None:
             view = self.view_of(j)
             return {"input": self._augment(x, j, view), "target": int(y), "index": j, "view": view}
-        if self.transform is not None:
-            x = self.transform(x)
-        return {"input": x, "target": int(y), "index": j}
+        return {"input": self._transformed(x), "target": int(y), "index": j}
+
+
+def _as_input(x: Any, argument: str) -> Tensor:
+    """A plain tensor from what a transform returned (torchvision's ``Image`` becomes a ``Tensor``).
+
+    Raises:
+        TypeError: not a tensor (a pipeline without ``ToImage``), naming ``argument``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"`{argument}` must turn each item into a tensor, got {type(x).__name__}: end a torchvision "
+            "pipeline with ToImage, ToDtype(torch.float32, scale=True) and Normalize."
+        )
+    return x.as_subclass(Tensor)
+
+
+def check_input_shape(dataset: IndexedDataset, input_shape: tuple[int, ...], argument: str) -> None:
+    """Check that the first input of ``dataset`` has the shape the networks are built for.
+
+    Raises:
+        ValueError: another shape, naming ``argument`` (the transform that made it).
+    """
+    if len(dataset) == 0:
+        return
+    shape = tuple(dataset[0]["input"].shape)
+    if shape != tuple(input_shape):
+        raise ValueError(
+            f"`{argument}` makes inputs of shape {shape}, but the data's `input_shape` (what the networks are "
+            f"built for) is {tuple(input_shape)}: make the transform's output size the source's (an "
+            "ImageFolder's `image_size`)."
+        )
 
 
 def check_replay(augment_seed: int | None, views: int | None, view_schedule: str) -> None:
@@ -175,11 +233,30 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Ten
         >>> len(tr), len(va), sorted(tr.tolist() + va.tolist()) == list(range(10))
         (8, 2, True)
     """
+    check_val_size(val_size)
     n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
     if not 0 <= n_val < n:
         raise ValueError(f"`val_size` must leave training data: got {val_size!r} for {n} training samples.")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def check_val_size(val_size: object) -> None:
+    """Raise a ValueError naming ``val_size`` unless it is a count (an int >= 0) or a fraction in ``[0, 1)``.
+
+    Example:
+        >>> check_val_size(0.1); check_val_size(500)
+        >>> check_val_size(1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: `val_size` must be a count (an integer >= 0) or a fraction in [0, 1) of the training split, got 1.5.
+    """
+    count = isinstance(val_size, int) and not isinstance(val_size, bool) and val_size >= 0
+    if not (count or (isinstance(val_size, float) and 0.0 <= val_size < 1.0)):
+        raise ValueError(
+            "`val_size` must be a count (an integer >= 0) or a fraction in [0, 1) of the training split, "
+            f"got {val_size!r}."
+        )
 
 
 def targets_hash(targets: Tensor) -> str:
@@ -195,18 +272,32 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
     :meth:`set_epoch` and loader settings; and it names its classes
     (:class:`~kd_lightning.contracts.NamedClasses`, read by the dashboard and the clustering).
 
-    The validation split is carved from the training file with its own seed (``split_seed``), so it
-    is the same for every run, model and process.
+    The validation split is the source's own when it has one (an image folder's ``val/``), else it is
+    carved from the training file with its own seed (``split_seed``), so it is the same for every run,
+    model and process. A source without a test split (:attr:`ClassificationSource.has_test` false) is
+    tested on the validation split.
+
+    Transforms are this package's tensor augmentations (:mod:`~kd_lightning.datamodules.transforms`), which
+    take the un-augmented input, or torchvision ``transforms.v2`` pipelines (``class_path:
+    torchvision.transforms.v2.Compose``), which take the source's item itself: for an image folder, the
+    decoded picture, so that ``RandomResizedCrop`` crops the full image. Both replay their views with
+    ``augment_seed``.
 
     Args:
         source: the dataset (``class_path`` in YAML), e.g. ``kd_lightning.datamodules.FashionMNIST``.
         batch_size: training batch size per process.
         eval_batch_size: validation/test/predict batch size per process.
-        val_size: validation samples carved from the training file: a count or a fraction.
+        val_size: validation samples carved from the training file: a count, or a fraction in
+            ``[0, 1)``; ignored when the source has its own validation split.
         split_seed: seed of the train/validation split.
         num_workers: DataLoader workers (0 loads in the main process, best for in-memory data).
         pin_memory: pin host memory (GPU training).
-        train_transform: augmentation applied to training inputs only.
+        train_transform: augmentation applied to training inputs only: a
+            :class:`~kd_lightning.datamodules.transforms.Transform` or a torchvision ``v2`` pipeline.
+        eval_transform: a torchvision ``v2`` pipeline making the un-augmented input of a source's item
+            (validation, test, and the soft-target cache's fixed mode), replacing the source's own
+            ``preprocess`` (an image folder's resize, centre crop and normalisation). It must output
+            ``input_shape``.
         train_fraction: keep only this fraction of the training split (seeded by ``split_seed``),
             for data-efficiency experiments.
         augment_seed: make training augmentation replayable: each sample's augmentation is a
@@ -224,19 +315,21 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         source: ClassificationSource,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
-        val_size: int | float = 5000,
+        val_size: int | float = 0.1,
         split_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
-        train_transform: Transform | None = None,
+        train_transform: Transform | v2.Transform | None = None,
         train_fraction: float = 1.0,
         augment_seed: int | None = None,
         augment_views: int | None = None,
         view_schedule: Literal["cycle", "random"] = "cycle",
         omit_classes: Sequence[int] = (),
+        eval_transform: v2.Transform | None = None,
     ) -> None:
         super().__init__()
         check_replay(augment_seed, augment_views, view_schedule)
+        check_val_size(val_size)
         if not isinstance(source, ClassificationSource):
             raise TypeError(f"`source` must be a ClassificationSource, got {type(source).__name__}.")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -258,7 +351,13 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         self.split_seed = split_seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.train_transform = train_transform
+        # A torchvision pipeline becomes a replayable Transform on the source's items.
+        self.train_transform = (
+            TorchvisionTransform(train_transform)
+            if isinstance(train_transform, v2.Transform)
+            else train_transform
+        )
+        self.eval_transform = eval_transform
         self.train_fraction = train_fraction
         self.augment_seed = augment_seed
         self.augment_views = augment_views
@@ -284,10 +383,24 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
     def prepare_data(self) -> None:
         self.source.prepare()
 
+    @property
+    def preprocess(self) -> Callable[[Any], Tensor] | None:
+        """What makes the un-augmented input of a source's item: ``eval_transform``, else the source's own."""
+        return self.eval_transform if self.eval_transform is not None else self.source.preprocess
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None and stage in (None, "fit", "validate"):
+        needs_val = stage in (None, "fit", "validate") or (
+            stage in ("test", "predict") and not self.source.has_test
+        )
+        if self.train_set is None and needs_val:
             data, targets = self.source.load(train=True)
-            train_idx, val_idx = split_indices(len(targets), self.val_size, self.split_seed)
+            own_val = self.source.load_val()
+            if own_val is None:
+                train_idx, val_idx = split_indices(len(targets), self.val_size, self.split_seed)
+                val_data, val_targets = data, targets
+            else:
+                train_idx, (val_data, val_targets) = torch.arange(len(targets)), own_val
+                val_idx = torch.arange(len(val_targets))
             if self.train_fraction < 1.0:
                 keep = torch.randperm(
                     len(train_idx), generator=torch.Generator().manual_seed(self.split_seed + 1)
@@ -305,11 +418,19 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
                 augment_seed=self.augment_seed,
                 views=self.augment_views,
                 view_schedule=self.view_schedule,
+                preprocess=self.preprocess,
             )
-            self.val_set = IndexedDataset(data, targets, val_idx)
+            self.val_set = IndexedDataset(val_data, val_targets, val_idx, preprocess=self.preprocess)
+            check_input_shape(self.val_set, self.input_shape, "eval_transform")
+            check_input_shape(self.train_set, self.input_shape, "train_transform")
         if self.test_set is None and stage in (None, "test", "predict"):
-            data, targets = self.source.load(train=False)
-            self.test_set = IndexedDataset(data, targets, torch.arange(len(targets)))
+            if self.source.has_test:
+                data, targets = self.source.load(train=False)
+                self.test_set = IndexedDataset(
+                    data, targets, torch.arange(len(targets)), preprocess=self.preprocess
+                )
+            else:  # e.g. an image folder with train/ only: the test split is the validation split
+                self.test_set = self.val_set
 
     def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import v2
 
 from kd_lightning.datamodules.base import ClassificationSource, IndexedDataModule
 from kd_lightning.datamodules.transforms import Transform
@@ -129,11 +130,11 @@ class SpecialistDataModule(IndexedDataModule):
         source: the dataset.
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
-        val_size: validation samples carved from the training file.
+        val_size: validation samples carved from the training file (a count or a fraction).
         split_seed: seed of the train/validation split.
         num_workers: DataLoader workers.
         pin_memory: pin host memory.
-        train_transform: training augmentation.
+        train_transform: training augmentation (this package's or a torchvision ``v2`` pipeline).
         train_fraction: keep only this fraction of the training split.
         oversample: the group's share of each training epoch (paper: 0.5); ``None`` samples naturally.
         groups_file: a groups file (docs/architecture.md) for the source's classes.
@@ -141,6 +142,7 @@ class SpecialistDataModule(IndexedDataModule):
         classes: the group's classes given directly, instead of ``groups_file``.
         epoch_size: training samples per epoch (default: the training split's size).
         sampler_seed: seed of the oversampler; ``None`` follows ``seed_everything`` (``torch.initial_seed()``).
+        eval_transform: the un-augmented input of a source's item (see :class:`IndexedDataModule`).
 
     Raises:
         ValueError: both or neither of ``groups_file`` and ``classes``; the groups file is for another
@@ -154,11 +156,11 @@ class SpecialistDataModule(IndexedDataModule):
         source: ClassificationSource,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
-        val_size: int | float = 5000,
+        val_size: int | float = 0.1,
         split_seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool = False,
-        train_transform: Transform | None = None,
+        train_transform: Transform | v2.Transform | None = None,
         train_fraction: float = 1.0,
         oversample: float | None = 0.5,
         groups_file: str | None = None,
@@ -166,6 +168,7 @@ class SpecialistDataModule(IndexedDataModule):
         classes: list[int] | None = None,
         epoch_size: int | None = None,
         sampler_seed: int | None = None,
+        eval_transform: v2.Transform | None = None,
     ) -> None:
         super().__init__(
             source,
@@ -177,6 +180,7 @@ class SpecialistDataModule(IndexedDataModule):
             pin_memory=pin_memory,
             train_transform=train_transform,
             train_fraction=train_fraction,
+            eval_transform=eval_transform,
         )
         if oversample is not None and not 0.0 < oversample < 1.0:
             raise ValueError(f"`oversample` must lie in (0, 1) or be null, got {oversample!r}.")

@@ -98,7 +98,12 @@ class MNIST1D(ClassificationSource):
         self._data: dict[str, np.ndarray] | None = None
 
     def _generate(self) -> dict[str, np.ndarray]:
-        from mnist1d.data import get_dataset_args, make_dataset
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ModuleNotFoundError as missing:  # a demo dependency, not installed with the library itself
+            raise ModuleNotFoundError(
+                "MNIST1D needs the `mnist1d` package, an extra of kd-lightning: pip install 'kd-lightning[demo]'."
+            ) from missing
 
         args = get_dataset_args()
         if args.final_seq_length != self.input_shape[-1]:

@@ -9,6 +9,8 @@ cache relies on this to store the teacher's outputs for exactly the views the st
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,13 @@ class Transform(ABC):
     Subclasses draw all their randomness from ``generator`` when one is given (torch's global RNG
     otherwise), so that an augmentation can be replayed; they should also define ``__repr__`` with
     every argument, which is how a soft-target store recognises the augmentation it was built with.
+
+    Attributes:
+        raw_input: the transform takes the source's item itself (e.g. a decoded picture), not the
+            un-augmented input tensor that the source's ``preprocess`` makes of it.
     """
+
+    raw_input: bool = False
 
     @abstractmethod
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
@@ -123,3 +131,41 @@ class RandomRoll(Transform):
 
     def __repr__(self) -> str:
         return f"RandomRoll(max_shift={self.max_shift})"
+
+
+class TorchvisionTransform(Transform):
+    """A torchvision pipeline (``torchvision.transforms.v2``, e.g. ``RandomResizedCrop``, flips,
+    ``Normalize``) as a replayable :class:`Transform` on the source's items (``raw_input``: an image
+    folder's pictures, before its resize and crop).
+
+    torchvision draws its random numbers from torch's global generator. Given ``generator``, the
+    pipeline runs with the global CPU generator seeded from it (its state restored afterwards), so view
+    ``v`` of sample ``j`` is the same crop in every process and worker: the soft-target cache's
+    augmentation-consistent mode replays it. Without ``generator`` it draws from the global generator.
+
+    Args:
+        transform: the pipeline, called on one item; it must return a float tensor.
+
+    Example:
+        >>> from torchvision.transforms import v2
+        >>> crop = TorchvisionTransform(v2.RandomResizedCrop(4))
+        >>> x = torch.arange(64.0).view(1, 8, 8)
+        >>> torch.equal(crop(x, torch.Generator().manual_seed(1)), crop(x, torch.Generator().manual_seed(1)))
+        True
+    """
+
+    raw_input = True
+
+    def __init__(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, x: Any, generator: torch.Generator | None = None) -> Any:
+        if generator is None:
+            return self.transform(x)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.transform(x)
+
+    def __repr__(self) -> str:
+        return f"TorchvisionTransform({self.transform!r})"

@@ -24,4 +24,6 @@ __all__ = [
     "logit_matching_loss",
     "soft_target_loss",
 ]
+# The one place the version is written: pyproject.toml reads this literal ([tool.setuptools.dynamic]),
+# `kd --version` prints it.
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ repeats them. This module is the one place in ``kd_lightning`` that imports ``da
 One run, one directory (:func:`place_run`): the run directory is ``<trainer.default_root_dir>/seed<seed>``
 and becomes ``trainer.default_root_dir``; a ModelCheckpoint without a ``dirpath`` writes to
 ``<run dir>/checkpoints``, a KDWandbLogger without a ``save_dir`` logs to the run directory, named
-``<root name>-seed<seed>`` unless named. Every run gets a :class:`~kd_lightning.callbacks.RunIdentity` (the ``--run.*``
+``[<job_type>-]<root name>-seed<seed>`` unless named, and a CSVLogger writes ``<run dir>/csv/``. Every run gets a :class:`~kd_lightning.callbacks.RunIdentity` (the ``--run.*``
 arguments): it refuses to overwrite another run's checkpoints (``--run.overwrite=true`` allows it) and
 saves ``last.ckpt`` on SIGTERM. ``--ckpt_path last`` resumes from the run's newest ``last*.ckpt`` or
 ``hpc_ckpt_*.ckpt`` and continues the same W&B run. See docs/resume.md.
@@ -19,7 +19,9 @@ arguments taken from the function's signature and docstring (:func:`console`).
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +40,7 @@ import kd_lightning.callbacks  # noqa: F401  (registers callbacks for class_path
 import kd_lightning.datamodules
 import kd_lightning.ensemble  # noqa: F401
 import kd_lightning.modules  # noqa: F401  (checkpoints reload only already-imported classes)
+import kd_lightning.resnets  # noqa: F401  (its networks are listed in the help of network arguments)
 import kd_lightning.specialists  # noqa: F401
 from kd_lightning.callbacks.run_identity import (
     HPC_PREFIX,
@@ -45,10 +48,14 @@ from kd_lightning.callbacks.run_identity import (
     last_checkpoint,
     read_run_record,
     run_directory,
-    seed_name,
+    run_name,
 )
+from kd_lightning.cli_errors import BuildError, failing_argument
+from kd_lightning.cli_help import DEBUG_VARIABLE, EXAMPLES, KDArgumentParser, debug_enabled
 from kd_lightning.launch import check_trainer_arguments
 from kd_lightning.loggers import KDSaveConfigCallback, KDWandbLogger  # registers KDWandbLogger for class_path
+from kd_lightning.progress import PlainProgress, wants_plain_progress
+from kd_lightning.shipped import copy_configs
 
 
 def _class_of(class_path: str) -> type:
@@ -68,8 +75,9 @@ def place_run(config: Namespace) -> Path:
     ``trainer.default_root_dir`` becomes the run directory (:func:`~kd_lightning.callbacks.run_identity.run_directory`),
     ModelCheckpoints without a ``dirpath`` write to ``<run dir>/checkpoints``, CSVLoggers with a relative
     ``save_dir`` write under the run directory (``save_dir: .`` is the run directory), KDWandbLoggers without a
-    ``save_dir`` log to the run directory (named ``<root name>-seed<seed>`` unless named), and
-    ``run.run_dir``/``run.seed`` record it. Paths given explicitly are kept.
+    ``save_dir`` log to the run directory (named by :func:`~kd_lightning.callbacks.run_identity.run_name` unless named), a CSVLogger is added
+    beside the others (:func:`add_csv_logger`), and ``run.run_dir``/``run.seed`` record it. Paths given
+    explicitly are kept.
 
     Returns:
         The run directory.
@@ -92,11 +100,25 @@ def place_run(config: Namespace) -> Path:
             if logger.init_args.save_dir is None:
                 logger.init_args.save_dir = str(run_dir)
             if logger.init_args.name is None:
-                logger.init_args.name = (
-                    f"{run_dir.parent.name or run_dir.resolve().parent.name}-{seed_name(seed)}"
-                )
+                root_name = run_dir.parent.name or run_dir.resolve().parent.name
+                logger.init_args.name = run_name(root_name, seed, logger.init_args.job_type)
+    add_csv_logger(trainer, run_dir)
     config.run.run_dir, config.run.seed = str(run_dir), seed
     return run_dir
+
+
+def add_csv_logger(trainer: Namespace, run_dir: Path) -> None:
+    """Log to ``<run_dir>/csv/version_N/metrics.csv`` beside the configured loggers (W&B), so that a run's
+    metrics can be read without W&B: a CSVLogger is appended to ``trainer.logger`` when it names loggers
+    and none is a CSVLogger (``logger: false`` stays without loggers; a config's own CSVLogger is kept).
+    """
+    entries = _class_args(trainer.logger)
+    if not entries or any(issubclass(_class_of(e.class_path), CSVLogger) for e in entries):
+        return
+    csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger")
+    # Absolute: a relative `save_dir` is read against the run directory (a rerun of the saved config).
+    csv.init_args = Namespace(save_dir=str(run_dir.absolute()), name="csv")
+    trainer.logger = [*entries, csv]
 
 
 class KDCLI(LightningCLI):
@@ -117,8 +139,15 @@ class KDCLI(LightningCLI):
         place_run(self.config[self.subcommand] if self.subcommand else self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        given = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         # Checked as given: Lightning silently turns 16-mixed into bf16 on CPU and takes SLURM's world size.
-        check_trainer_arguments({**self._get(self.config_init, "trainer", default={}), **kwargs})
+        check_trainer_arguments(given)
+        if wants_plain_progress(given):  # stdout is a file (SLURM, `> log`): lines, not a redrawn bar
+            callbacks = given.get("callbacks") or []
+            kwargs["callbacks"] = [
+                *(callbacks if isinstance(callbacks, list) else [callbacks]),
+                PlainProgress(),
+            ]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -187,6 +216,8 @@ def main(args: list[str] | None = None, run: bool = True) -> KDCLI:
 
 def _cli_arguments() -> dict[str, Any]:
     return dict(
+        # kd's description, "known subclasses" lists cut to kd-lightning's classes, parse errors in two lines.
+        parser_class=KDArgumentParser,
         model_class=L.LightningModule,
         datamodule_class=kd_lightning.datamodules.IndexedDataModule,
         subclass_mode_model=True,
@@ -226,6 +257,39 @@ def parse_config(args: list[str]) -> Namespace:
     return _ParseOnly(**_cli_arguments(), args=args, run=False).config
 
 
+class _ConsoleCLI(KDCLI):
+    """``kd`` as run from a shell: an error while building the configured classes, or while setting up before
+    the first training step, is raised as a :class:`~kd_lightning.cli_errors.BuildError` naming the argument
+    at fault (``console`` prints it in two lines); ``KD_DEBUG=1`` leaves every error as it was raised.
+    :func:`main` (scripts, workflows, tests) keeps the original exceptions."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            if debug_enabled():
+                raise
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise BuildError(failing_argument(error, config), error) from error
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise
+        except Exception as error:
+            # Only before anything trained (data not found, a network that cannot take the data, ...), and
+            # only when a configured class is at fault: a later error keeps its traceback for the log.
+            argument = (
+                None
+                if debug_enabled() or self.trainer.global_step
+                else failing_argument(error, self.config[subcommand])
+            )
+            if argument is None:
+                raise
+            raise BuildError(argument, error, stage="setting up") from error
+
+
 def _workflow_lines() -> list[str]:
     from kd_lightning.workflows import WORKFLOWS, summary_line
 
@@ -234,32 +298,37 @@ def _workflow_lines() -> list[str]:
 
 
 def console(argv: list[str] | None = None) -> None:
-    """The ``kd`` console script: ``kd fit|validate|test|predict ...`` (LightningCLI) or ``kd <workflow> ...``
-    (:mod:`kd_lightning.workflows`).
+    """The ``kd`` console script (also ``python -m kd_lightning``): ``kd fit|validate|test|predict ...``
+    (LightningCLI), ``kd <workflow> ...`` (:mod:`kd_lightning.workflows`), ``kd configs [DEST]`` (copy the
+    shipped configs out), ``kd --version``, ``kd --help``. A first argument ``--debug`` sets ``KD_DEBUG=1``.
 
     Exit status 0 on success (``sys.exit(main())`` would print the CLI object and exit 1), 143
     (128 + SIGTERM) for a fit stopped by SIGTERM: Lightning ends it with a ``SystemExit`` without a
     status, which would read as success to a shell or a SLURM job (a workflow's fits likewise). An unknown
-    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2.
+    subcommand exits with 2, naming the available ones; no subcommand prints the help and exits with 2;
+    an argument that does not parse exits with 2 and a configured class that fails to build (or finds no
+    data) with 1, each in two lines on stderr (:func:`report_error`; ``KD_DEBUG=1`` for the traceback).
     """
     from kd_lightning.workflows import WORKFLOWS, run_workflow
     from kd_lightning.workflows.stage import own_argv
 
-    given = argv  # None: LightningCLI reads sys.argv itself (given both, it warns)
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--debug"]:
+        os.environ[DEBUG_VARIABLE] = "1"
+        argv = argv[1:]
     lightning = ("fit", "validate", "test", "predict")
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"kd-lightning {kd_lightning.__version__}")
+        sys.exit(0)
     if not argv or argv[0] in ("-h", "--help"):
-        try:
-            with own_argv():
-                main(["--help"])
-        except SystemExit as done:  # LightningCLI printed its help; the workflows follow
-            if done.code not in (0, None):
-                raise
-        print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
+        print_help()
         sys.exit(0 if argv else 2)
+    if argv[0] == "configs":
+        copy_configs_command(argv[1:])
+        return
     if not argv[0].startswith("-") and argv[0] not in (*lightning, *WORKFLOWS):
         print(
-            f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS])} "
+            f"kd: unknown subcommand {argv[0]!r}; available: {', '.join([*lightning, *WORKFLOWS, 'configs'])} "
             "(kd --help describes them).",
             file=sys.stderr,
         )
@@ -268,9 +337,54 @@ def console(argv: list[str] | None = None) -> None:
         if argv[0] in WORKFLOWS:
             run_workflow(argv[0], argv[1:])
         else:
-            main(given)
+            with own_argv():  # the arguments are given explicitly (`--debug` taken out)
+                _ConsoleCLI(**_cli_arguments(), args=argv)
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
+    except BuildError as error:
+        report_error(argv[0], error)
+        sys.exit(1)
+
+
+def print_help() -> None:
+    """``kd --help``: kd-lightning's description and LightningCLI's subcommands, the workflows, ``kd configs``
+    and examples (:data:`~kd_lightning.cli_help.EXAMPLES`)."""
+    from kd_lightning.workflows.stage import own_argv
+
+    try:
+        with own_argv():
+            main(["--help"])
+    except SystemExit as done:  # LightningCLI printed its help; the workflows follow
+        if done.code not in (0, None):
+            raise
+    print("\nworkflows (kd <workflow> --help for their arguments):\n" + "\n".join(_workflow_lines()))
+    print("\nconfigs:\n  kd configs [DEST]  copy the shipped configs into DEST (default: ./configs)")
+    print("\n" + EXAMPLES)
+
+
+def copy_configs_command(argv: list[str]) -> None:
+    """``kd configs [DEST] [--overwrite]``: :func:`~kd_lightning.shipped.copy_configs`, then one line naming
+    what was written; exit status 1, with the reason, when a file exists or no configs are installed."""
+    parser = argparse.ArgumentParser(
+        prog="kd configs", description=(copy_configs.__doc__ or "").partition("\n")[0]
+    )
+    parser.add_argument("dest", nargs="?", default="configs", help="folder to copy into (default: configs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace configs that exist in DEST")
+    options = parser.parse_args(argv)
+    try:
+        written = copy_configs(options.dest, overwrite=options.overwrite)
+    except (FileExistsError, FileNotFoundError) as error:
+        print(f"kd configs: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{len(written)} configs written under {options.dest}/, e.g. kd fit --config {written[0]}")
+
+
+def report_error(subcommand: str, error: BuildError) -> None:
+    """Print ``error`` in two lines on stderr: what failed, and how to see the full traceback."""
+    print(
+        f"kd {subcommand}: error: {error}\n(the full traceback: KD_DEBUG=1 kd ... or kd --debug {subcommand} ...)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ A batch is a dict whose keys are fixed here (:class:`Batch`); every module's ``v
 ``test_step`` return an :class:`EvalOutput` that callbacks (dashboard, clustering) read instead of
 running the model again. docs/architecture.md shows where each key is set and read.
 
-Two small runtime-checkable protocols name what is read off a DataModule or a network where one may
-offer it: the names of its classes (:class:`NamedClasses`) and the shape of one input
-(:class:`HasInputShape`). ``isinstance`` with them sees that the member exists, not its type; on
+Three small runtime-checkable protocols name what is read off a DataModule or a network where one may
+offer it: the names of its classes (:class:`NamedClasses`), the shape of one input
+(:class:`HasInputShape`) and the layer that outputs the logits (:class:`ClassifierHead`). ``isinstance``
+with them sees that the member exists, not its type; on
 Python 3.12+ it looks the member up statically (``inspect.getattr_static``), so it must be a plain
 attribute or a property, not a submodule that ``nn.Module.__getattr__`` finds.
 """
@@ -89,6 +90,27 @@ class HasInputShape(Protocol):
     """
 
     input_shape: tuple[int, ...] | None
+
+
+@runtime_checkable
+class ClassifierHead(Protocol):
+    """A network that names the layer outputting its logits, e.g. :class:`kd_lightning.models.TorchvisionNet`.
+
+    Networks without it follow the default rule of :func:`kd_lightning.specialists.head_layer` (the last
+    ``nn.Linear``); a specialist's initialisation copies rows of this layer.
+
+    Attributes:
+        head_name: qualified name (as in ``named_modules()``) of the head: an ``nn.Linear``, or a 1x1
+            ``nn.Conv2d`` whose output channels are the logits (SqueezeNet).
+
+    Example:
+        >>> class Net:
+        ...     head_name = "model.fc"
+        >>> isinstance(Net(), ClassifierHead), isinstance(object(), ClassifierHead)
+        (True, False)
+    """
+
+    head_name: str
 
 
 def check_eval_output(outputs: object, module: object, reader: str) -> None:

@@ -11,6 +11,11 @@
   ``wandb.init`` in the middle of fitting.
 - one W&B run per logger: several fits in one process (a pipeline of stages) each get their own run
   instead of silently appending to the first one.
+- a summary that keeps what a reader compares runs by: the best ``val/acc`` (max) and the lowest
+  ``val/loss`` and ``val/kd_loss`` (``summaries``), every metric against ``trainer/global_step``.
+- in a log file (standard error not a terminal) W&B is ``quiet`` (no history sparklines and summary table
+  when the run ends), and the run is finished before wandb's own exit hook, which would print its
+  closing lines with ANSI colour codes into the file.
 - logging trouble (a network error, a server refusing a key) is a loud warning, and the run goes on
   offline; it never stops training, so it never costs a checkpoint.
 
@@ -22,9 +27,11 @@ its own copy.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import netrc
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +54,11 @@ SETUP_HINT = (
     "on: `wandb login` (or export WANDB_API_KEY=...), then rerun, or upload this run with "
     "`wandb sync {dir}/wandb/offline-run-*`. Set WANDB_MODE=offline to silence this line."
 )
+#: The default ``summaries``: a run's summary holds the best validation accuracy and losses, not the last.
+SUMMARIES: dict[str, str] = {"val/acc": "max", "val/loss": "min", "val/kd_loss": "min"}
+_SUMMARY_KINDS = ("min", "max", "mean", "first", "last", "best", "copy", "none")
+#: The x-axis of every metric (Lightning's WandbLogger logs the Trainer's global step under this key).
+STEP_KEY = "trainer/global_step"
 # Runs this process created through a KDWandbLogger: a later logger may finish them (see `experiment`).
 _OWNED_RUNS: set[str] = set()
 
@@ -119,7 +131,7 @@ class KDWandbLogger(WandbLogger):
         save_dir: directory of the run (W&B writes ``<save_dir>/wandb/``; the CLI saves
             ``config.yaml`` here; dashboard pictures go under it). ``None``: the run directory when
             ``kd`` builds the logger (see :func:`kd_lightning.cli.place_run`), else ``runs``.
-        name: the run's display name (``kd`` names an unnamed run ``<root name>-seed<seed>``).
+        name: the run's display name (``kd`` names an unnamed run ``[<job_type>-]<root name>-seed<seed>``).
         project: W&B project.
         group: W&B group (e.g. one per experiment, so teacher, student and distilled student sit together).
         tags: W&B tags.
@@ -132,10 +144,13 @@ class KDWandbLogger(WandbLogger):
             written); works offline too (uploaded by ``wandb sync``).
         id: resume the W&B run with this id.
         prefix: prefix of every metric key.
+        summaries: what the run's summary keeps of a metric (``wandb.define_metric``'s ``summary``, e.g.
+            ``"max"``, ``"min"``, ``"min,last"``); ``None``: :data:`SUMMARIES` (best ``val/acc``, lowest
+            ``val/loss`` and ``val/kd_loss``). Every metric is plotted against :data:`STEP_KEY`.
         init_kwargs: further ``wandb.init`` arguments (checked against its signature).
 
     Raises:
-        ValueError: an unknown ``mode``, an unknown or duplicated ``init_kwargs`` key.
+        ValueError: an unknown ``mode``, an unknown or duplicated ``init_kwargs`` key, an unknown summary.
         PermissionError: ``save_dir`` is not writable.
         NotADirectoryError: ``save_dir`` is a file.
     """
@@ -154,10 +169,12 @@ class KDWandbLogger(WandbLogger):
         log_model: bool | Literal["all"] = False,
         id: str | None = None,
         prefix: str = "",
+        summaries: Mapping[str, str] | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         init_kwargs = dict(init_kwargs or {})
         _check_init_kwargs(init_kwargs)
+        self.summaries = _checked_summaries(SUMMARIES if summaries is None else summaries)
         # Absolute: wandb's service process, shared by every run of this process, resolves a relative
         # directory against its own working directory, not the one current at this run's start.
         save_dir = str(check_writable_dir("runs" if save_dir is None else save_dir, "save_dir").absolute())
@@ -177,6 +194,14 @@ class KDWandbLogger(WandbLogger):
             **{k: v for k, v in extra.items() if v is not None},
             **init_kwargs,
         )
+        # Lightning passes `anonymous=None`, which wandb >= 0.19 answers with a deprecation warning.
+        self._wandb_init.pop("anonymous", None)
+        if "settings" not in init_kwargs and not sys.stderr.isatty():
+            import wandb
+
+            # In a log file: no history sparklines and per-key summary table when the run ends (one line per
+            # metric, hundreds with per-class keys), no links to docs; the run's place is still printed.
+            self._wandb_init["settings"] = wandb.Settings(quiet=True)
         # The hint is printed when the run starts, where the user sees the rest of its output.
         self._hint = wandb_mode == "offline" and mode == "auto"
 
@@ -232,8 +257,23 @@ class KDWandbLogger(WandbLogger):
         if self._hint:
             rank_zero_info(SETUP_HINT.format(dir=save_dir))
             self._hint = False
+        self._define_metrics(run)
+        if run.id not in _OWNED_RUNS and getattr(self, "_attach_id", None) is None:
+            # Finished by this handler, which runs before wandb's own exit hook (registered earlier): a run
+            # finished by that hook prints its closing lines with ANSI colour codes even into a log file.
+            atexit.register(run.finish)
         _OWNED_RUNS.add(run.id)
         return run
+
+    def _define_metrics(self, run: Any) -> None:
+        """The summary of each key of ``summaries``, plotted against :data:`STEP_KEY` as every metric
+        (Lightning's WandbLogger defines that for ``"*"``; a key's own definition replaces the pattern's)."""
+        join = f"{self._prefix}{self.LOGGER_JOIN_CHAR}" if self._prefix else ""
+        try:
+            for key, summary in self.summaries.items():
+                run.define_metric(join + key, step_metric=STEP_KEY, summary=summary)
+        except _wandb_errors() as err:
+            _warn_logging_failed("the metric definitions", err)
 
     def __getstate__(self) -> dict[str, Any]:
         # As WandbLogger's (under `ddp_spawn` the main process creates the run and the rank-0 worker
@@ -282,6 +322,22 @@ class KDWandbLogger(WandbLogger):
 
 def _warn_logging_failed(what: str, err: Exception) -> None:
     rank_zero_warn(f"W&B: logging {what} failed ({type(err).__name__}: {err}); training goes on.")
+
+
+def _checked_summaries(summaries: Mapping[str, str]) -> dict[str, str]:
+    """``summaries`` as a dict, each value a comma-separated list of W&B summary kinds.
+
+    Raises:
+        ValueError: a value names no W&B summary kind (the message lists them).
+    """
+    for key, summary in summaries.items():
+        unknown = [kind for kind in str(summary).split(",") if kind.strip() not in _SUMMARY_KINDS]
+        if unknown:
+            raise ValueError(
+                f"`summaries[{key!r}]`: {summary!r} is not a W&B summary; give one or more of "
+                f"{_SUMMARY_KINDS}, separated by commas."
+            )
+    return dict(summaries)
 
 
 def _check_init_kwargs(init_kwargs: Mapping[str, Any]) -> None:

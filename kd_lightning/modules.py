@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lightning.cache.protocols import ClassCount, TeacherCarrier
 from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.frozen import FrozenNetworks
+from kd_lightning.models import checkpoint_weights
 from kd_lightning.objectives import HintonKD, Objective
 from kd_lightning.optim import Schedule
 
@@ -106,7 +107,10 @@ class ClassifierBase(L.LightningModule):
         teacher_logits: Tensor | None = None,
     ) -> None:
         # Steps only accumulate: a `self.log` call costs ~0.6 ms and a metric forward ~0.35 ms, as much
-        # as a small student's whole step. `_log_epoch` computes, logs and resets once per epoch.
+        # as a small student's whole step. `_log_epoch` computes, logs and resets once per epoch; a
+        # training step the loggers will write (every `log_every_n_steps`) also logs its own loss and lr.
+        if stage == "train" and self._step_is_logged():
+            self._log_training_step(losses["loss"])
         n = target.shape[0]
         sums = self._loss_sums.setdefault(stage, {})
         for name, value in losses.items():
@@ -118,6 +122,20 @@ class ClassifierBase(L.LightningModule):
         if teacher_logits is not None:
             metrics["teacher_acc"].update(teacher_logits, target)
             metrics["agreement"].update((logits.argmax(-1) == teacher_logits.argmax(-1)).float())
+
+    def _step_is_logged(self) -> bool:
+        """Whether the loggers write this training step's metrics (Lightning's own rule: every
+        ``log_every_n_steps`` optimizer steps, and the last); ``False`` outside a Trainer."""
+        trainer = self._trainer
+        return trainer is not None and trainer._logger_connector.should_update_logs
+
+    def _log_training_step(self, loss: Tensor) -> None:
+        """Log ``train/loss_step`` (this step's loss, on this process's batch) and ``train/lr`` (the learning
+        rate of the first optimizer's first parameter group) at this step."""
+        self.log("train/loss_step", loss.detach().float(), on_step=True, on_epoch=False)
+        optimizers = self.trainer.optimizers
+        if optimizers:
+            self.log("train/lr", float(optimizers[0].param_groups[0]["lr"]), on_step=True, on_epoch=False)
 
     def _log_epoch(self, stage: str) -> None:
         """Log ``<stage>/<name>`` for every loss component and metric of the epoch, then reset them."""
@@ -177,7 +195,8 @@ class ClassifierBase(L.LightningModule):
 class ClassifierModule(ClassifierBase):
     """Train and evaluate one classifier with cross-entropy: a teacher, a generalist or a baseline.
 
-    Logs ``{train,val,test}/loss`` and ``{train,val,test}/acc`` (top-1, micro-averaged).
+    Logs ``{train,val,test}/loss`` and ``{train,val,test}/acc`` (top-1, micro-averaged) per epoch, and every
+    ``log_every_n_steps`` training steps ``train/loss_step`` and ``train/lr``.
 
     Args:
         net: network factory, e.g. ``kd_lightning.models.MLP`` with its ``init_args``.
@@ -409,5 +428,7 @@ def load_teacher(path: str | Path) -> L.LightningModule:
     # keyword arguments a class does not take, so this is harmless for a ClassifierModule.
     # weights_only=False: hyperparameters may hold network factories (classes, partials); a teacher
     # checkpoint is code you chose to run, like any pickle.
-    teacher = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, teacher_ckpt=None)
+    # The checkpoint's weights replace pretrained ones: networks are built without them (no download).
+    with checkpoint_weights():
+        teacher = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, teacher_ckpt=None)
     return teacher.eval().requires_grad_(False)

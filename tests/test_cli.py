@@ -12,6 +12,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
 
 from kd_lightning.cli import main
 from kd_lightning.datamodules import FashionMNIST
@@ -101,6 +102,16 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
         "kd_lightning.ensemble.Ensemble" in text
     ):  # other ensembles' members: the student is built without them
         no_files.append("--model.init_args.teacher=null")
+    if "kd_lightning.datamodules.ImageFolder" in text:  # a few pictures where the config looks; no download
+        root = tmp_path / yaml.safe_load(text)["data"]["init_args"]["source"]["init_args"]["root"]
+        for name in ("a", "b"):
+            (root / "train" / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / "train" / name / "0.png")
+        net = "student" if "student:" in text else "net"
+        (tmp_path / "no_download.yaml").write_text(
+            f"model: {{init_args: {{{net}: {{init_args: {{weights: null}}}}}}}}\n"
+        )
+        no_files += ["--config", str(tmp_path / "no_download.yaml")]
     cli = main(["--config", str(config), *no_files, *TINY], run=False)
     model, data = cli.model, cli.datamodule
     assert model.num_classes == data.num_classes and tuple(model.input_shape) == tuple(data.input_shape)

@@ -116,10 +116,12 @@ def write_cifar100(root: Path, n_train: int = 15, n_test: int = 5) -> Path:
     return root
 
 
-def write_image_folder(root: Path, train: dict[str, int], val: dict[str, int], size=(12, 10)) -> Path:
+def write_image_folder(
+    root: Path, train: dict[str, int], val: dict[str, int], size=(12, 10), test: dict[str, int] | None = None
+) -> Path:
     """PNG files of random colours: ``{class: count}`` per split, varying sizes to exercise the resize."""
     rng = np.random.default_rng(3)
-    for split, counts in (("train", train), ("val", val)):
+    for split, counts in (("train", train), ("val", val), ("test", test or {})):
         for cls, n in counts.items():
             (root / split / cls).mkdir(parents=True, exist_ok=True)
             for i in range(n):
@@ -329,34 +331,166 @@ def test_cifar100_contract(tmp_path):
 # ImageFolder
 
 
-def test_image_folder_contract(tmp_path):
+def test_image_folder_splits_are_the_folders_their_names_say(tmp_path):
     root = write_image_folder(
         tmp_path / "imgs", {"cat": 4, "dog": 3, "eel": 5}, {"cat": 2, "dog": 2, "eel": 1}
     )
     source = ImageFolder(str(root), image_size=8)
     assert source.resize == 9 and source.input_shape == (3, 8, 8)
     assert source.class_names == ["cat", "dog", "eel"] and source.num_classes == 3
-    dm = check_contract(source, val_size=3, workers=True)
-    assert len(dm.train_set) + len(dm.val_set) == 12 and len(dm.test_set) == 5
-    _, targets = source.load(train=True)
-    assert targets.tolist() == [0] * 4 + [1] * 3 + [2] * 5
+    dm = IndexedDataModule(source, batch_size=3, eval_batch_size=5)
+    dm.setup()
+    # train/ is the training split, val/ the validation split; without test/ the test split is val/.
+    assert len(dm.train_set) == 12 and len(dm.val_set) == 5 and len(dm.test_set) == 5
+    assert dm.train_set.targets.tolist() == [0] * 4 + [1] * 3 + [2] * 5
+    assert dm.val_set.targets.tolist() == dm.test_set.targets.tolist() == [0, 0, 1, 1, 2]
+    for dataset in (dm.train_set, dm.val_set, dm.test_set):
+        item = dataset[len(dataset) - 1]
+        assert item["input"].shape == (3, 8, 8) and item["input"].dtype == torch.float32
+        assert type(item["input"]) is torch.Tensor and item["index"] == len(dataset) - 1
+    assert sorted(collect(dm.train_dataloader())) == list(range(12))
+    # A test/ folder is the test split.
+    write_image_folder(root, {}, {}, test={"cat": 1, "eel": 2})
+    dm = IndexedDataModule(ImageFolder(str(root), image_size=8), eval_batch_size=5)
+    dm.setup()
+    assert len(dm.val_set) == 5 and dm.test_set.targets.tolist() == [0, 2, 2]
 
 
-def test_image_folder_errors(tmp_path):
+def test_image_folder_without_val_carves_validation_and_tests_on_it(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", {"cat": 10, "dog": 10}, {})
+    dm = IndexedDataModule(ImageFolder(str(root), image_size=8))  # val_size: 0.1 of train/ by default
+    dm.setup("test")
+    assert len(dm.train_set) == 18 and len(dm.val_set) == 2 and dm.test_set is dm.val_set
+    dm = IndexedDataModule(ImageFolder(str(root), image_size=8), val_size=0.25)
+    dm.setup("fit")
+    assert len(dm.val_set) == 5
+    with pytest.raises(ValueError, match="`val_size` must be a count"):
+        IndexedDataModule(ImageFolder(str(root), image_size=8), val_size=1.5)
+
+
+def test_image_folder_errors_at_construction(tmp_path):
     root = write_image_folder(tmp_path / "imgs", {"cat": 1, "dog": 1}, {"cat": 1, "emu": 1})
-    source = ImageFolder(str(root), image_size=8)
-    source.load(train=True)  # the training split alone is fine
-    with pytest.raises(ValueError, match="must match") as err:
-        source.load(train=False)
-    assert "'dog'" in str(err.value) and "'emu'" in str(err.value)
-    with pytest.raises(ValueError, match="must match"):
-        source.prepare()
-    with pytest.raises(FileNotFoundError, match="test_dir='test'"):
-        ImageFolder(str(root), test_dir="test").prepare()
+    with pytest.raises(ValueError, match="has class folders that 'train' lacks: \\['emu'\\]"):
+        ImageFolder(str(root), image_size=8)
+    ImageFolder(str(root), image_size=8, val_dir="no-such-folder")  # an absent val/ is not an error
     with pytest.raises(FileNotFoundError, match="no-such-root"):
-        _ = ImageFolder(str(tmp_path / "no-such-root")).num_classes
+        ImageFolder(str(tmp_path / "no-such-root"))
+    (tmp_path / "flat/train").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat/train/a.png")
+    with pytest.raises(FileNotFoundError, match="no class folders in"):
+        ImageFolder(str(tmp_path / "flat"))  # images straight in train/, no class folders
+    (tmp_path / "flat/train/cat").mkdir()
+    (tmp_path / "flat/train/cat/notes.txt").write_text("no image")
+    with pytest.raises(FileNotFoundError, match=r"class folders without images .*\['cat'\]"):
+        ImageFolder(str(tmp_path / "flat"))
     with pytest.raises(ValueError, match="resize"):
         ImageFolder(str(root), image_size=32, resize=16)
+
+
+def _crops(size: int):
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.3, 1.0)),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * 3, [0.25] * 3),
+        ]
+    )
+
+
+def test_torchvision_pipelines_crop_the_pictures_and_replay(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", {"cat": 3, "dog": 3}, {"cat": 1, "dog": 1}, size=(40, 30))
+    source = ImageFolder(str(root), image_size=16)
+    dm = IndexedDataModule(source, batch_size=2, train_transform=_crops(16), augment_seed=5, augment_views=3)
+    dm.setup("fit")
+    train = dm.train_set
+    first = train.input_of(4, view=1)
+    assert first.shape == (3, 16, 16) and torch.equal(first, train.input_of(4, view=1))
+    assert not torch.equal(first, train.input_of(4, view=2))
+    assert torch.equal(train[4]["input"], train.input_of(4, view=0))  # epoch 0 serves view 0
+    # The un-augmented input (fixed mode, validation) is the source's resize + centre crop.
+    picture, _ = train.source[4]
+    assert torch.equal(train.input_of(4), source.preprocess(picture).as_subclass(torch.Tensor))
+    # The global generator is left as it was; views are replayed in DataLoader workers too.
+    state = torch.get_rng_state()
+    train.input_of(3, view=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    workers = IndexedDataModule(
+        source, batch_size=2, train_transform=_crops(16), augment_seed=5, augment_views=3, num_workers=2
+    )
+    workers.setup("fit")
+    got = collect_views(workers.train_dataloader())
+    assert sorted(got) == list(range(6)) and all(
+        torch.equal(x, train.input_of(j, view=0)) for j, x in got.items()
+    )
+    # A pipeline whose output is not the data's input_shape is refused at setup, naming it.
+    wrong = IndexedDataModule(source, train_transform=_crops(12))
+    with pytest.raises(ValueError, match="`train_transform` makes inputs of shape \\(3, 12, 12\\)"):
+        wrong.setup("fit")
+
+
+def collect_views(loader) -> dict[int, torch.Tensor]:
+    return {j: x for batch in loader for j, x in zip(batch["index"].tolist(), batch["input"], strict=True)}
+
+
+def test_torchvision_pipelines_parse_through_kd(tmp_path, monkeypatch):
+    """`train_transform` and `eval_transform` take `class_path: torchvision.transforms.v2.Compose` in YAML."""
+    from torchvision.transforms import v2
+
+    from kd_lightning.cli import parse_config
+
+    monkeypatch.chdir(tmp_path)
+    root = write_image_folder(tmp_path / "imgs", {"cat": 2, "dog": 2}, {"cat": 1, "dog": 1})
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        f"""
+data:
+  class_path: kd_lightning.datamodules.IndexedDataModule
+  init_args:
+    source:
+      class_path: kd_lightning.datamodules.ImageFolder
+      init_args: {{root: {root}, image_size: 16}}
+    train_transform:
+      class_path: torchvision.transforms.v2.Compose
+      init_args:
+        transforms:
+          - class_path: torchvision.transforms.v2.RandomResizedCrop
+            init_args: {{size: 16}}
+          - class_path: torchvision.transforms.v2.RandomHorizontalFlip
+          - class_path: torchvision.transforms.v2.ToImage
+          - class_path: torchvision.transforms.v2.ToDtype
+            init_args: {{dtype: torch.float32, scale: true}}
+          - class_path: torchvision.transforms.v2.Normalize
+            init_args: {{mean: [0.5, 0.5, 0.5], std: [0.2, 0.2, 0.2]}}
+    eval_transform:
+      class_path: torchvision.transforms.v2.Compose
+      init_args:
+        transforms:
+          - class_path: torchvision.transforms.v2.Resize
+            init_args: {{size: [16, 16]}}
+          - class_path: torchvision.transforms.v2.ToImage
+          - class_path: torchvision.transforms.v2.ToDtype
+            init_args: {{dtype: torch.float32, scale: true}}
+"""
+    )
+    args = ["--config", str(config), "--model=kd_lightning.modules.ClassifierModule"]
+    args += ["--model.init_args.net=kd_lightning.models.MLP"]
+    parsed = parse_config(args)
+    steps = parsed.data.init_args.train_transform.init_args.transforms
+    assert [s.class_path.rsplit(".", 1)[1] for s in steps][:2] == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+    ]
+    from kd_lightning.cli import main
+
+    cli = main(["--config", str(config), *args[2:], "--trainer.logger=false"], run=False)
+    dm = cli.datamodule
+    assert isinstance(dm.eval_transform, v2.Compose)
+    dm.setup("fit")
+    assert dm.val_set[0]["input"].shape == (3, 16, 16) and dm.train_set[0]["input"].shape == (3, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,3 +47,15 @@ def test_bad_input():
         Progress(-1)
     with pytest.raises(ValueError, match="`total` is required"):
         list(progress(x for x in range(2)))
+
+
+def test_initial_items_count_as_done_but_not_in_the_pace(monkeypatch):
+    clock = iter([100.0, 110.0, 110.0])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    tracker = Progress(10, desc="epochs", stream=out, bar=False, initial=4)  # a resumed run: 4 done before
+    assert tracker.line().endswith("about ? left")
+    tracker.update()  # 1 item in 10 s at this start: 5 left -> 50 s
+    assert out.getvalue().strip() == "epochs: 5/10 done (50%), 10s elapsed, about 50s left"
+    with pytest.raises(ValueError, match=r"`initial` must be an integer in \[0, total=3\], got 4"):
+        Progress(3, initial=4)

@@ -22,11 +22,14 @@ from kd_lightning import loggers
 from kd_lightning.callbacks import ArtifactLogger, DistillationDashboard, SoftTargetCache
 from kd_lightning.cli import main
 from kd_lightning.datamodules.base import IndexedDataModule
+from kd_lightning.ensemble import Ensemble
 from kd_lightning.loggers import KDWandbLogger, check_writable_dir, resolve_mode
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import ClassifierModule, DistillationModule
+from kd_lightning.optim import OneCycle
 from kd_lightning.store import file_sha256
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
 TEACHER_NET = partial(SmallCNN, channels=(4,), head=16)
 STUDENT_NET = partial(MLP, hidden=(16,))
@@ -247,7 +250,8 @@ def test_two_cli_runs_in_a_row_from_the_same_config_and_directory(tmp_path, monk
     runs = [read_run(f) for f in files]
     assert runs[0].run_id != runs[1].run_id
     for run in runs:
-        assert run.config["cli"]["trainer"]["logger"]["init_args"]["group"] == "cli"  # full resolved config
+        wandb_logger, csv_logger = run.config["cli"]["trainer"]["logger"]  # full resolved config
+        assert wandb_logger["init_args"]["group"] == "cli" and csv_logger["class_path"].endswith("CSVLogger")
         assert run.config["cli"]["model"]["init_args"]["net"]["init_args"]["hidden"] == [8]
         assert is_finite_number(run.last("dashboard/student_ece"))
         assert (run.path.parent / "files" / "kd_config.yaml").is_file()
@@ -368,3 +372,77 @@ def test_a_resumed_logger_continues_the_run_id_offline_and_only_before_its_run_s
     ids = [re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", p.name).group(1) for p in parts]
     assert ids == [run_id, run_id], parts
     assert {read_run(f).run_id for f in run_files(tmp_path)} == {run_id}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a W&B user expects: per-step loss and lr, the best validation accuracy, names, lineage
+
+
+def test_loss_and_lr_per_step_and_the_best_val_acc_in_the_summary(tmp_path):
+    torch.manual_seed(0)
+    module = ClassifierModule(TEACHER_NET, 4, SHAPE, lr_schedule=OneCycle())
+    logger = KDWandbLogger(save_dir=str(tmp_path), name="steps", project="kd-tests")
+    trainer = L.Trainer(
+        max_epochs=3,
+        limit_train_batches=6,
+        log_every_n_steps=2,
+        logger=logger,
+        enable_checkpointing=False,
+        **QUIET,
+    )
+    trainer.fit(module, IndexedDataModule(TinySource(4), batch_size=32, eval_batch_size=64, val_size=64))
+    run = only_run(tmp_path)
+    # Every second step (log_every_n_steps=2): the step's loss and the learning rate, on the step axis.
+    steps = [row["trainer/global_step"] for row in run.history if "train/loss_step" in row]
+    assert steps == [1, 3, 5, 7, 9, 11, 13, 15, 17]
+    lrs = [row["train/lr"] for row in run.history if "train/lr" in row]
+    assert len(lrs) == 9 and all(is_finite_number(x) for x in lrs) and len(set(lrs)) > 1  # a schedule
+    # The summary keeps the best validation accuracy and the lowest loss, not the last epoch's.
+    accs = [row["val/acc"] for row in run.history if "val/acc" in row]
+    losses = [row["val/loss"] for row in run.history if "val/loss" in row]
+    assert run.summary["val/acc"] == {"max": max(accs)} and run.summary["val/loss"] == {"min": min(losses)}
+    assert run.metrics["val/acc"] == {"step_metric": "trainer/global_step", "summary": ["max"]}
+    assert run.metrics["val/kd_loss"]["summary"] == ["min"]
+
+
+def test_summaries_are_checked():
+    with pytest.raises(ValueError, match=r"`summaries\['val/acc'\]`: 'highest' is not a W&B summary"):
+        KDWandbLogger(summaries={"val/acc": "highest"})
+
+
+def test_kd_names_a_run_by_stage_root_and_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["kd"])
+    config = ROOT / "configs/fashion_mnist/specialist.yaml"
+    args = [
+        "--config",
+        str(config),
+        "--model.init_args.generalist_ckpt=null",
+        "--data.init_args.groups_file=null",
+    ]
+    args += ["--data.init_args.classes=[0, 1]", "--seed_everything=4", "--trainer.accelerator=cpu"]
+    # As the specialist workflow places group 3: its own root, `group3`.
+    cli = main([*args, "--trainer.default_root_dir=runs/spec/group3"], run=False)
+    wandb_entry, _ = cli.config.trainer.logger
+    assert wandb_entry.init_args.name == "specialist-group3-seed4"  # stage (job_type), specialist index, seed
+    # A CSVLogger beside it, under the run directory, added by kd.
+    (csv,) = [x for x in cli.trainer.loggers if type(x).__name__ == "CSVLogger"]
+    assert Path(csv.log_dir).parent == (tmp_path / "runs/spec/group3/seed4/csv")
+
+
+@pytest.mark.slow  # two members and an ensemble student with a W&B run: ~10 s
+def test_the_ensemble_students_lineage_lists_every_member_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    members = []
+    for k in range(2):
+        torch.manual_seed(k)
+        _, save_dir = fit(tmp_path, f"member_{k}", ClassifierModule(STUDENT_NET, 4, SHAPE), epochs=1)
+        members.append(str(save_dir / "checkpoints" / "final.ckpt"))
+        wandb.finish()
+    teacher = Ensemble(checkpoints=members, input_shape=SHAPE)
+    student = DistillationModule(STUDENT_NET, 4, SHAPE, teacher=teacher)
+    _, save_dir = fit(tmp_path, "student", student, [ArtifactLogger()], epochs=1)
+    lineage = only_run(save_dir).config["lineage"]
+    assert [m["path"] for m in lineage["members"]] == [str(Path(p).resolve()) for p in members]
+    assert [m["sha256"] for m in lineage["members"]] == [file_sha256(p) for p in members]
+    assert lineage["members"][1]["artifact"] == "model-member_1-checkpoints-final.ckpt"

@@ -66,6 +66,11 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     run_id: str = ""
+    name: str = ""
+    #: The run's final summary (wandb-core's last summary records), by key.
+    summary: dict[str, Any] = field(default_factory=dict)
+    #: ``define_metric`` definitions by metric name: ``step_metric`` and the ``summary`` kinds.
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def keys(self) -> set[str]:
         return {k for row in self.history for k in row}
@@ -109,7 +114,14 @@ def read_run(path: str | Path) -> OfflineRun:
                 }
             )
         elif kind == "run":
-            run.run_id = record.run.run_id
+            run.run_id, run.name = record.run.run_id, record.run.display_name
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric" and record.metric.name:
+            m = record.metric
+            kinds = [f.name for f, value in m.summary.ListFields() if value is True]
+            run.metrics[m.name] = {"step_metric": m.step_metric, "summary": kinds}
     return run
 
 

@@ -233,7 +233,15 @@ def _run_teacher(
         generator=torch.Generator(),
     )
     samples = sum(stop - start for _, start, stop in jobs)
-    bar = tqdm(total=samples, desc=desc, unit="sample", dynamic_ncols=True, leave=False, disable=not progress)
+    # disable=None: a bar on a terminal only (in a log file its redraws would be noise).
+    bar = tqdm(
+        total=samples,
+        desc=desc,
+        unit="sample",
+        dynamic_ncols=True,
+        leave=False,
+        disable=None if progress else True,
+    )
     was_training = teacher.training
     teacher.eval()
     try:

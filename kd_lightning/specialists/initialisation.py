@@ -1,8 +1,11 @@
 """Initialising a specialist from the generalist (Hinton, Vinyals & Dean 2015, section 5.1).
 
-**Head rule.** The *head* of a network is its last :class:`torch.nn.Linear` in registration order
-(``net.modules()``), which must output the logits. This holds for every network in
-:mod:`kd_lightning.models` and :mod:`kd_lightning.resnets`. A specialist is initialised from the
+**Head rule.** The *head* of a network is the layer it names as its ``head_name``
+(:class:`~kd_lightning.contracts.ClassifierHead`: :class:`~kd_lightning.models.TorchvisionNet` and
+:class:`~kd_lightning.models.TimmNet` name their adapted classifier), else its last :class:`torch.nn.Linear`
+in registration order (``net.modules()``), which must output the logits; the rule holds for every network
+in :mod:`kd_lightning.models` and :mod:`kd_lightning.resnets`. A head is an ``nn.Linear`` or a 1x1
+``nn.Conv2d`` (SqueezeNet), whose output channels are the logits. A specialist is initialised from the
 generalist by copying every parameter and buffer except the head's, then the head's rows of the group's
 classes; its dustbin row starts as the mean of the other rows with ``log(#others)`` added to the bias, a
 first guess at the log-sum-exp of the other classes' logits.
@@ -16,18 +19,31 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kd_lightning.contracts import ClassifierHead
 
-def head_layer(net: nn.Module) -> tuple[str, nn.Linear]:
-    """The network's head under this module's rule: its last :class:`~torch.nn.Linear` in ``modules()``
-    order, returned with its qualified name.
+Head = nn.Linear | nn.Conv2d
+
+
+def head_layer(net: nn.Module) -> tuple[str, Head]:
+    """The network's head under this module's rule: the layer its ``head_name`` names, else its last
+    :class:`~torch.nn.Linear` in ``modules()`` order; returned with its qualified name.
 
     Raises:
-        ValueError: the network has no ``nn.Linear``.
+        ValueError: the network has no ``nn.Linear``, or its ``head_name`` is not an ``nn.Linear`` or
+            ``nn.Conv2d``.
 
     Example:
         >>> head_layer(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))[0]
         '2'
     """
+    if isinstance(net, ClassifierHead):
+        layer = net.get_submodule(net.head_name)
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise ValueError(
+                f"{type(net).__name__}.head_name={net.head_name!r} names a {type(layer).__name__}; a head is "
+                "an nn.Linear or a 1x1 nn.Conv2d that outputs the logits."
+            )
+        return net.head_name, layer
     found = None
     for name, module in net.named_modules():
         if isinstance(module, nn.Linear):
@@ -38,6 +54,16 @@ def head_layer(net: nn.Module) -> tuple[str, nn.Linear]:
             "which must output the logits."
         )
     return found
+
+
+def head_outputs(head: Head) -> int:
+    """Number of logits a head outputs: ``out_features`` of an ``nn.Linear``, ``out_channels`` of a conv.
+
+    Example:
+        >>> head_outputs(nn.Linear(4, 3)), head_outputs(nn.Conv2d(8, 5, 1))
+        (3, 5)
+    """
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels
 
 
 @torch.no_grad()
@@ -54,12 +80,12 @@ def init_from_generalist(specialist: nn.Module, generalist: nn.Module, classes: 
     classes = list(classes)
     s_name, s_head = head_layer(specialist)
     g_name, g_head = head_layer(generalist)
-    if s_head.out_features != len(classes) + 1:
+    if head_outputs(s_head) != len(classes) + 1:
         raise ValueError(
-            f"the specialist's head ({s_name!r}, the last nn.Linear) outputs {s_head.out_features} logits, "
+            f"the specialist's head ({s_name!r}) outputs {head_outputs(s_head)} logits, "
             f"expected {len(classes) + 1} (a group of {len(classes)} classes plus the dustbin)."
         )
-    num_classes = g_head.out_features
+    num_classes = head_outputs(g_head)
     if max(classes) >= num_classes:
         raise ValueError(
             f"the group's classes {classes} do not fit the generalist's head, which outputs {num_classes} logits."

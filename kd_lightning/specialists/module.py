@@ -22,10 +22,11 @@ from torch import Tensor
 from kd_lightning.contracts import Batch, EvalOutput
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.losses import check_temperature, check_weight, soft_target_loss
+from kd_lightning.models import checkpoint_weights
 from kd_lightning.modules import CLASS_KEY, ClassifierBase, NetFactory, load_teacher, stage_metrics
 from kd_lightning.optim import Schedule
 from kd_lightning.specialists.combination import fold_log_probs
-from kd_lightning.specialists.initialisation import head_layer, init_from_generalist
+from kd_lightning.specialists.initialisation import head_layer, head_outputs, init_from_generalist
 from kd_lightning.specialists.sampling import GroupSampling, SpecialistData, check_classes
 
 # Checkpoint entry naming the group a specialist was trained for, so an ensemble can refuse a
@@ -133,9 +134,9 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
         self.metrics = stage_metrics(len(self.group_classes) + 1, agreement=False)
         self.net = net(self.input_shape, len(self.group_classes) + 1)
         head_name, head = head_layer(self.net)
-        if head.out_features != len(self.group_classes) + 1:
+        if head_outputs(head) != len(self.group_classes) + 1:
             raise ValueError(
-                f"`net`'s last nn.Linear ({head_name!r}) outputs {head.out_features} features, but the head "
+                f"`net`'s head ({head_name!r}) outputs {head_outputs(head)} features, but the head "
                 f"must output the logits ({len(self.group_classes) + 1} for this specialist)."
             )
         self.generalist: ClassifierBase | None = None
@@ -269,14 +270,15 @@ def load_specialist(path: str | Path) -> SpecialistModule:
             f"`specialist_ckpts`: {str(path)!r} is not a specialist checkpoint (no {SPECIALIST_KEY!r} entry; "
             f"written by {checkpoint.get(CLASS_KEY) if isinstance(checkpoint, dict) else 'something else'})."
         )
-    module = SpecialistModule.load_from_checkpoint(
-        path,
-        map_location="cpu",
-        weights_only=False,
-        classes=info["classes"],
-        group=info["group"],
-        groups_file=info.get("groups_file"),
-        generalist_ckpt=None,
-        soft_weight=0.0,
-    )
+    with checkpoint_weights():  # the checkpoint's weights replace any pretrained ones
+        module = SpecialistModule.load_from_checkpoint(
+            path,
+            map_location="cpu",
+            weights_only=False,
+            classes=info["classes"],
+            group=info["group"],
+            groups_file=info.get("groups_file"),
+            generalist_ckpt=None,
+            soft_weight=0.0,
+        )
     return module.eval().requires_grad_(False)

@@ -31,8 +31,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-"""The shipped configs of a kd-lightning checkout (the benchmarks' workflows run them)."""
+from kd_lightning.shipped import shipped_configs
+
+CONFIGS = shipped_configs()
+"""The shipped configs (the benchmarks' workflows run them): a checkout's ``configs/``, or their installed copy."""
 
 WORKFLOWS: dict[str, str] = {
     "stage": "kd_lightning.workflows.stage:run_stage",

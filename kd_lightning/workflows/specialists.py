@@ -224,6 +224,7 @@ def evaluate_specialists(
             eval_batch_size=data.eval_batch_size,
             val_size=data.val_size,
             split_seed=data.split_seed,
+            eval_transform=data.eval_transform,
         )
         ensemble = SpecialistEnsemble(str(generalist), [str(p) for p in checkpoints], str(groups_path))
         # The config's own Trainer (devices, precision, limits), never used for fitting here.
