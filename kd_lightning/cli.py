@@ -24,6 +24,8 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +312,6 @@ def console(argv: list[str] | None = None) -> None:
     data) with 1, each in two lines on stderr (:func:`report_error`; ``KD_DEBUG=1`` for the traceback).
     """
     from kd_lightning.workflows import WORKFLOWS, run_workflow
-    from kd_lightning.workflows.stage import own_argv
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--debug"]:
@@ -337,13 +338,28 @@ def console(argv: list[str] | None = None) -> None:
         if argv[0] in WORKFLOWS:
             run_workflow(argv[0], argv[1:])
         else:
-            with own_argv():  # the arguments are given explicitly (`--debug` taken out)
-                _ConsoleCLI(**_cli_arguments(), args=argv)
+            with process_argv(argv):  # `--debug` taken out
+                _ConsoleCLI(**_cli_arguments())
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)
     except BuildError as error:
         report_error(argv[0], error)
         sys.exit(1)
+
+
+@contextmanager
+def process_argv(argv: list[str]) -> Iterator[None]:
+    """Make ``sys.argv`` the program followed by ``argv`` while a Lightning subcommand runs, then restore it.
+
+    LightningCLI reads ``sys.argv``, and Lightning's DDP launcher starts the other ranks by running
+    ``sys.argv`` again: hiding the arguments would start those ranks without any.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0], *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def print_help() -> None:

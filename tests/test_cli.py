@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
+from kd_lightning.callbacks.run_identity import run_name
 from kd_lightning.cli import main
 from kd_lightning.datamodules import FashionMNIST
 from kd_lightning.loggers import KDWandbLogger
@@ -133,12 +134,14 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
         if isinstance(cli.config.trainer.logger, list)
         else [cli.config.trainer.logger]
     )
-    named = [
-        x.init_args.name
-        for x in entries
-        if isinstance(x, Namespace) and x.class_path.endswith("KDWandbLogger")
+    wandb_entries = [
+        x for x in entries if isinstance(x, Namespace) and x.class_path.endswith("KDWandbLogger")
     ]
-    assert named in ([f"{run_dir.parent.name}-seed{seed}"], [])
+    # <stage>-<root>-seed<seed>, the stage (job_type) left out when the root's name starts with it.
+    assert [x.init_args.name for x in wandb_entries] == [
+        run_name(run_dir.parent.name, seed, x.init_args.get("job_type")) for x in wandb_entries
+    ]
+    assert all(x.init_args.name.endswith(f"{run_dir.parent.name}-seed{seed}") for x in wandb_entries)
     # A CSVLogger (metrics.csv beside W&B) writes under the run directory too.
     csv = [x for x in cli.trainer.loggers if isinstance(x, CSVLogger)]
     assert all(Path(x.save_dir).resolve().is_relative_to(run_dir.resolve()) for x in csv)
