@@ -12,7 +12,7 @@ compile and import (:func:`test_python_blocks_compile_and_import`).
 - ``kd fit|validate|test|predict ...``: run in this process by :func:`kd_lightning.cli.console` (what the
   ``kd`` script runs) with :data:`TINY` appended (one epoch of two batches, no logger, CPU), and tiny data:
   a config reading an ``ImageFolder`` gets a generated folder of 32x32 pictures where the command points it,
-  :data:`SMALL_IMAGES` and no weights download; one reading Fashion-MNIST gets :data:`FEW_FASHION_MNIST`
+  ``tiny_images.SMALL_IMAGES`` and no weights download; one reading Fashion-MNIST gets :data:`FEW_FASHION_MNIST`
   (skipped without the files: ``make data``).
 - ``kd <workflow> ...`` (``kd stage``, ``kd members``, ...): the same, with those arguments after ``--``
   (the arguments of every fit the workflow runs).
@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from tiny_images import SMALL_IMAGES
 
 from kd_lightning.cli import console
 from kd_lightning.datamodules import FashionMNIST
@@ -73,28 +74,6 @@ TINY = [
 
 FEW_FASHION_MNIST = ["--data.init_args.train_fraction=0.02", "--data.init_args.val_size=200"]
 """For Fashion-MNIST configs: fewer training and validation images, so that a soft-target store builds fast."""
-
-SMALL_IMAGES = """
-data:
-  init_args:
-    source:
-      init_args: {image_size: 32}
-    batch_size: 6
-    eval_batch_size: 6
-    train_transform:
-      class_path: torchvision.transforms.v2.Compose
-      init_args:
-        transforms:
-          - class_path: torchvision.transforms.v2.RandomResizedCrop
-            init_args: {size: 32, scale: [0.5, 1.0]}
-          - class_path: torchvision.transforms.v2.RandomHorizontalFlip
-          - class_path: torchvision.transforms.v2.ToImage
-          - class_path: torchvision.transforms.v2.ToDtype
-            init_args: {dtype: torch.float32, scale: true}
-          - class_path: torchvision.transforms.v2.Normalize
-            init_args: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
-"""
-"""For ImageFolder configs: their 224-pixel pipelines at 32 pixels, small batches."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from tiny_images import SMALL_IMAGES
 
 from kd_lightning.cli import console, main
 from kd_lightning.modules import load_teacher
@@ -21,28 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "imagefolder"
 CLASSES = ("circle", "square", "stripe")
 
-# The configs' 224-pixel pipelines at 32 pixels, and no hub download: the only changes.
-SMALL = """
-data:
-  init_args:
-    source:
-      init_args: {image_size: 32}
-    batch_size: 6
-    eval_batch_size: 6
-    num_workers: 0
-    train_transform:
-      class_path: torchvision.transforms.v2.Compose
-      init_args:
-        transforms:
-          - class_path: torchvision.transforms.v2.RandomResizedCrop
-            init_args: {size: 32, scale: [0.5, 1.0]}
-          - class_path: torchvision.transforms.v2.RandomHorizontalFlip
-          - class_path: torchvision.transforms.v2.ToImage
-          - class_path: torchvision.transforms.v2.ToDtype
-            init_args: {dtype: torch.float32, scale: true}
-          - class_path: torchvision.transforms.v2.Normalize
-            init_args: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
-"""
 QUICK = [
     "--trainer.max_epochs=2",
     "--trainer.enable_progress_bar=false",
@@ -72,7 +51,7 @@ def read_csv(run_dir: Path) -> list[dict[str, str]]:
 def test_finetune_then_distil_torchvision_networks_on_an_image_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_pictures(tmp_path / "data/my_images", {"train": 6, "val": 2})  # no test/: tests on val/
-    (tmp_path / "small.yaml").write_text(SMALL)
+    (tmp_path / "small.yaml").write_text(SMALL_IMAGES)
     # In YAML: jsonargparse 4.53 reads `--model.init_args.student.init_args.weights=null` as the string 'None'.
     (tmp_path / "scratch.yaml").write_text("model: {init_args: {student: {init_args: {weights: null}}}}\n")
     # "Pretrained" teacher weights: an ImageNet-shaped state dict saved locally (no network in tests).
