@@ -46,7 +46,7 @@ distill-ensemble: setup ## 3 CNN members -> ensemble -> distilled CNNs at 8 and 
 benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU
 	$(BIN)/python scripts/benchmark_precision.py
 
-reproduce: setup ## reproduce Hinton et al.'s experiments at small scale through kd stages; writes docs/reproduction.md (1.5-2 h from nothing on 2 cores, estimated; finished stages reused)
+reproduce: setup ## reproduce Hinton et al.'s experiments at small scale through kd stages, two processes; writes docs/reproduction.md (finished stages reused)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py
 
 lint: $(STAMP) ## ruff lint and format check
