@@ -17,12 +17,19 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
 from kd_lightning.contracts import NamedClasses
+from kd_lightning.datamodules.loading import (
+    LoaderSettings,
+    cpus_given,
+    loader_options,
+    processes_sharing_cpus,
+)
 from kd_lightning.datamodules.resumable import ResumableLoader
 from kd_lightning.datamodules.transforms import TorchvisionTransform, Transform, replay_seed
 
@@ -290,8 +297,12 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         val_size: validation samples carved from the training file: a count, or a fraction in
             ``[0, 1)``; ignored when the source has its own validation split.
         split_seed: seed of the train/validation split.
-        num_workers: DataLoader workers (0 loads in the main process, best for in-memory data).
-        pin_memory: pin host memory (GPU training).
+        num_workers: DataLoader workers (0 loads in the main process); ``None`` (default): 0 on a CPU, on a
+            GPU as many as the CPUs given to each training process allow, one left for the process itself
+            (:func:`~kd_lightning.datamodules.loading.loader_options`; SLURM's ``cpus-per-task`` counts).
+        pin_memory: pin host memory; ``None`` (default): exactly when training on a GPU.
+        persistent_workers: keep the workers between epochs; ``None`` (default): whenever there are workers.
+        prefetch_factor: batches each worker loads ahead; ``None`` (default): 4 on a GPU, else PyTorch's 2.
         train_transform: augmentation applied to training inputs only: a
             :class:`~kd_lightning.datamodules.transforms.Transform` or a torchvision ``v2`` pipeline.
         eval_transform: a torchvision ``v2`` pipeline making the un-augmented input of a source's item
@@ -317,8 +328,8 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         eval_batch_size: int = 1000,
         val_size: int | float = 0.1,
         split_seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         train_transform: Transform | v2.Transform | None = None,
         train_fraction: float = 1.0,
         augment_seed: int | None = None,
@@ -326,6 +337,8 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         view_schedule: Literal["cycle", "random"] = "cycle",
         omit_classes: Sequence[int] = (),
         eval_transform: v2.Transform | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
         check_replay(augment_seed, augment_views, view_schedule)
@@ -349,8 +362,14 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         self.eval_batch_size = eval_batch_size
         self.val_size = val_size
         self.split_seed = split_seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        # What the user asked for (None: the policy decides); checked now, resolved per Trainer.
+        self.requested_loader: dict[str, Any] = dict(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+        )
+        loader_options(**self.requested_loader, gpu=False, cpus=1)
         # A torchvision pipeline becomes a replayable Transform on the source's items.
         self.train_transform = (
             TorchvisionTransform(train_transform)
@@ -432,19 +451,34 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
             else:  # e.g. an image folder with train/ only: the test split is the validation split
                 self.test_set = self.val_set
 
+    @property
+    def loader_settings(self) -> LoaderSettings:
+        """The DataLoader settings of every split: the user's, and the policy's for those left ``None``
+        (:func:`~kd_lightning.datamodules.loading.loader_options`), for the attached Trainer's accelerator
+        (a CPU without one)."""
+        trainer = self.trainer
+        gpu = trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+        devices = trainer.num_devices if trainer is not None else 1
+        return loader_options(
+            **self.requested_loader, gpu=gpu, cpus=cpus_given(), processes=processes_sharing_cpus(devices)
+        )
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers, as resolved (:attr:`loader_settings`)."""
+        return self.loader_settings.num_workers
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether batches are pinned, as resolved (:attr:`loader_settings`)."""
+        return self.loader_settings.pin_memory
+
     def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call `setup()` before asking for a dataloader.")
         # Shuffled: RandomSampler's order, resumable mid-epoch from a checkpoint (datamodules/resumable.py).
         kind = ResumableLoader if shuffle else DataLoader
-        return kind(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return kind(dataset, batch_size=batch_size, shuffle=shuffle, **self.loader_settings.as_kwargs())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True, self.batch_size)

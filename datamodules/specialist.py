@@ -132,8 +132,8 @@ class SpecialistDataModule(IndexedDataModule):
         eval_batch_size: validation/test batch size per process.
         val_size: validation samples carved from the training file (a count or a fraction).
         split_seed: seed of the train/validation split.
-        num_workers: DataLoader workers.
-        pin_memory: pin host memory.
+        num_workers: DataLoader workers; ``None``: the policy of :class:`IndexedDataModule`.
+        pin_memory: pin host memory; ``None``: exactly on a GPU.
         train_transform: training augmentation (this package's or a torchvision ``v2`` pipeline).
         train_fraction: keep only this fraction of the training split.
         oversample: the group's share of each training epoch (paper: 0.5); ``None`` samples naturally.
@@ -158,8 +158,8 @@ class SpecialistDataModule(IndexedDataModule):
         eval_batch_size: int = 1000,
         val_size: int | float = 0.1,
         split_seed: int = 0,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         train_transform: Transform | v2.Transform | None = None,
         train_fraction: float = 1.0,
         oversample: float | None = 0.5,
@@ -223,9 +223,7 @@ class SpecialistDataModule(IndexedDataModule):
             self.train_set,
             batch_size=self.batch_size,
             sampler=self._sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            **self.loader_settings.as_kwargs(),
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
