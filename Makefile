@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble benchmark-precision reproduce lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble benchmark-precision benchmark-gpu reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ distill-ensemble: setup ## 3 CNN members -> ensemble -> distilled CNNs at 8 and 
 
 benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU
 	$(BIN)/python scripts/benchmark_precision.py
+
+benchmark-gpu: setup ## distillation on a GPU (CPU without one): images/s, peak memory, data wait, FLOP limit; writes runs/benchmarks/gpu.md
+	$(BIN)/python scripts/benchmark_gpu.py --out runs/benchmarks/gpu.md
 
 reproduce: setup ## reproduce Hinton et al.'s experiments at small scale through kd stages, two processes; writes docs/reproduction.md (finished stages reused)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py
