@@ -10,6 +10,7 @@ from kd_lightning.datamodules.cifar import CIFAR10, CIFAR100
 from kd_lightning.datamodules.extra import ExtraTraining
 from kd_lightning.datamodules.folder import ImageFolder
 from kd_lightning.datamodules.idx import MNIST, FashionMNIST, read_idx
+from kd_lightning.datamodules.loading import LoaderSettings, cpus_given, loader_options
 from kd_lightning.datamodules.specialist import GroupOversampler, SpecialistDataModule
 from kd_lightning.datamodules.tabular import MNIST1D, Digits, Synthetic
 from kd_lightning.datamodules.transforms import RandomRoll, RandomShift, TorchvisionTransform
@@ -34,4 +35,7 @@ __all__ = [
     "RandomShift",
     "TorchvisionTransform",
     "read_idx",
+    "LoaderSettings",
+    "cpus_given",
+    "loader_options",
 ]
