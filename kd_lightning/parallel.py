@@ -91,7 +91,9 @@ def assign_members(costs: Sequence[float], workers: int) -> list[list[int]]:
         [[0, 2, 4], [1, 3]]
     """
     if not (isinstance(workers, int) and 1 <= workers <= len(costs)):
-        raise ValueError(f"`workers` must be an integer in [1, {len(costs)}] (one member at least each), got {workers!r}.")
+        raise ValueError(
+            f"`workers` must be an integer in [1, {len(costs)}] (one member at least each), got {workers!r}."
+        )
     load = [0.0] * workers
     shares: list[list[int]] = [[] for _ in range(workers)]
     for k in sorted(range(len(costs)), key=lambda k: -costs[k]):
@@ -122,7 +124,9 @@ def _serve(
             outputs = run_members(members, x, rows)
             conn.send(("ok", [o if o is None else o.cpu() for o in outputs]))
         except Exception:  # reported to the caller, which raises WorkerError with this text
-            conn.send(("error", f"members {names} on a batch of shape {tuple(x.shape)}:\n{traceback.format_exc()}"))
+            conn.send(
+                ("error", f"members {names} on a batch of shape {tuple(x.shape)}:\n{traceback.format_exc()}")
+            )
 
 
 @dataclass
@@ -367,7 +371,9 @@ def time_members(
         ValueError: ``batch_size``, ``repeats`` or a worker count out of range.
     """
     if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"`batch_size` and `repeats` must be >= 1 and `warmup` >= 0, got {batch_size}, {repeats}, {warmup}.")
+        raise ValueError(
+            f"`batch_size` and `repeats` must be >= 1 and `warmup` >= 0, got {batch_size}, {repeats}, {warmup}."
+        )
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -378,7 +384,9 @@ def time_members(
         sequential = _median_seconds(lambda: run_members(members, x), repeats, warmup)
         parallel, assignments = {}, {}
         for count in workers:
-            with MemberPool(members, count, costs=member_seconds, threads=threads, start_method=start_method) as pool:
+            with MemberPool(
+                members, count, costs=member_seconds, threads=threads, start_method=start_method
+            ) as pool:
                 parallel[count] = _median_seconds(lambda pool=pool: pool.run(x), repeats, warmup)
                 assignments[count] = pool.assignment
     finally:

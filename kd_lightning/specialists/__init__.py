@@ -16,8 +16,8 @@ Modules, each depending only on those above it:
 - :mod:`~kd_lightning.specialists.initialisation`: the head rule and initialisation from the generalist.
 - :mod:`~kd_lightning.specialists.module`: :class:`SpecialistModule` (one specialist) and
   :func:`load_specialist`.
-- :mod:`~kd_lightning.specialists.ensemble`: :class:`SpecialistEnsemble`, the evaluation of the
-  combination.
+- :mod:`~kd_lightning.specialists.ensemble`: :class:`SpecialistTeacher`, the combination as one network
+  (a teacher wherever a teacher is accepted), and :class:`SpecialistEnsemble`, its evaluation.
 
 Every public name is importable from this package.
 """
@@ -33,7 +33,12 @@ from kd_lightning.specialists.combination import (
     specialist_report,
     spread_dustbin,
 )
-from kd_lightning.specialists.ensemble import METHODS, SpecialistEnsemble
+from kd_lightning.specialists.ensemble import (
+    METHODS,
+    SpecialistEnsemble,
+    SpecialistOutputs,
+    SpecialistTeacher,
+)
 from kd_lightning.specialists.initialisation import head_layer, init_from_generalist
 from kd_lightning.specialists.module import (
     SPECIALIST_KEY,
@@ -59,6 +64,8 @@ __all__ = [
     "SpecialistData",
     "SpecialistEnsemble",
     "SpecialistModule",
+    "SpecialistOutputs",
+    "SpecialistTeacher",
     "active_specialists",
     "average_specialists",
     "check_classes",
