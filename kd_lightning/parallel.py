@@ -21,6 +21,7 @@ one worker after another), from which it predicts more workers.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import traceback
@@ -269,10 +270,8 @@ class MemberPool:
     def close(self) -> None:
         """Stop the workers (each finishes its batch), and end any that does not stop within 5 s."""
         for worker in self._workers:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):  # a worker that has already exited
                 worker.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass  # it has already exited
         for worker in self._workers:
             worker.process.join(5.0)
             if worker.process.is_alive():
