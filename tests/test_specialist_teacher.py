@@ -98,7 +98,9 @@ def test_store_filled_from_the_teacher_holds_its_live_outputs(trained, tmp_path)
     )
     batch = 16
     store = fill_store(teacher, dataset, tmp_path / "train", identity, batch_size=batch, progress=False)
-    assert SoftTargetStore.open(tmp_path / "train").header["teacher"]["fingerprint"] == teacher_fingerprint(teacher)
+    assert SoftTargetStore.open(tmp_path / "train").header["teacher"]["fingerprint"] == teacher_fingerprint(
+        teacher
+    )
     # Live, on the same batches (the solver stops when every row of a batch has converged, so a row's
     # output depends on its batch within `tol`; on the same batches it is the same computation).
     indices = torch.as_tensor(dataset.indices)
@@ -113,7 +115,9 @@ def test_student_distils_from_the_combination_through_the_cache(trained, tmp_pat
     d = trained
     student = DistillationModule(NET, 6, (8,), teacher=make_teacher(d))
     cache = SoftTargetCache(str(tmp_path / "store"), dtype="float32", splits=["train", "val"])
-    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[cache])
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[cache]
+    )
     trainer.fit(student, d["data"])
     metrics = trainer.callback_metrics
     assert float(metrics["cache/hit_rate"]) == 1.0  # every soft target came from the store
@@ -146,3 +150,51 @@ def test_shipped_distillation_config_parses():
     config = parse_config(["--config", str(ROOT / "configs" / "synthetic" / "distill_specialists.yaml")])
     teacher = config.model.init_args.teacher
     assert teacher.class_path == "kd_lightning.specialists.SpecialistTeacher"
+
+
+# 30 classes (10 superclasses of 3), 40 training samples each, a few batches per epoch: the capacity
+# study's tiny budget (tests/test_capacity_study.py), for the generalist, the specialists and the student.
+TINY = [
+    "--data.init_args.source.init_args.classes_per_superclass=3",
+    "--data.init_args.source.init_args.train_per_class=40",
+    "--data.init_args.source.init_args.test_per_class=10",
+    "--data.init_args.val_size=300",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=3",
+    "--trainer.limit_val_batches=1",
+]
+
+
+@pytest.mark.slow
+def test_distil_specialists_runs_the_shipped_configs_and_reuses_them(tmp_path):
+    from kd_lightning.workflows import capacity_study as cs
+    from kd_lightning.workflows.specialist_distillation import distil_specialists, format_distillation
+
+    setting = {**cs.DEFAULT_SETTING, "epochs": 1, "overlap_threshold": 0.5}
+    candidates = {"T1": ["--model.init_args.objective.init_args.temperature=1.0"]}
+    result = distil_specialists([1], tmp_path, setting=setting, candidates=candidates, overrides=TINY)
+    assert result.chosen == "T1" and set(result.scores) == {"T1"}
+    (r,) = result.seeds
+    assert r.seed == 1 and 0 <= r.student <= 1 and r.gain == r.combination - r.generalist
+    assert r.teacher_arguments[0].endswith("seed1/checkpoints/final.ckpt")
+    seed1 = tmp_path / "seed1"
+    # The first seed's student is the chosen candidate's run; the store was filled from the combination.
+    assert (seed1 / "distilled_selection" / "selection.json").is_file()
+    assert "distilled_selection/T1" in r.student_checkpoint
+    header = SoftTargetStore.open(seed1 / "runs" / "synthetic" / "specialists_soft_targets" / "train").header
+    assert header["teacher"]["architecture"] == "SpecialistTeacher"
+    text = format_distillation(result)
+    assert "| mean ± std |" in text and "share kept of the means" in text
+    # Without candidates, the config's setting: the generalist and specialists are reused, the store too.
+    plain = distil_specialists([1], tmp_path, setting=setting, candidates={}, overrides=TINY)
+    assert plain.chosen == "config" and plain.seeds[0].generalist == r.generalist
+    assert plain.seeds[0].student_checkpoint.startswith(
+        str(seed1 / "runs" / "synthetic" / "distill_specialists")
+    )
+
+
+def test_kd_specialists_kd_parses_its_arguments():
+    from kd_lightning.workflows import parser_for
+
+    config = parser_for("specialists-kd").parse_args(["--seeds=[1, 2]", "--jobs=2", "--candidates={}"])
+    assert config.seeds == [1, 2] and config.jobs == 2 and config.candidates == {}

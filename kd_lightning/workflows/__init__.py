@@ -44,6 +44,7 @@ WORKFLOWS: dict[str, str] = {
     "fill-store": "kd_lightning.workflows.fill_store:fill_store",
     "choose": "kd_lightning.workflows.selection:choose_on_validation",
     "ensemble-kd": "kd_lightning.workflows.ensemble_distillation:distil_ensemble",
+    "specialists-kd": "kd_lightning.workflows.specialist_distillation:distil_specialists",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 
