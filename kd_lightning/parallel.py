@@ -2,8 +2,9 @@
 
 :func:`run_members` is the sequential loop (each member's fp32 outputs, one after another);
 :class:`MemberPool` runs the same loop in ``workers`` processes (``torch.multiprocessing``), each holding
-some of the members: every batch is copied once into shared memory, every worker computes its members'
-outputs on it, and the outputs come back through shared memory in the members' order. A worker runs
+some of the members: every batch is copied into a shared-memory buffer (sent to the workers once, refilled
+while the batches keep their shape), every worker computes its members' outputs on it, and the outputs come
+back through a pipe, in the members' order. A worker runs
 exactly :func:`run_members` on its share, so the outputs equal the sequential ones.
 
 Why processes and not one of Lightning's strategies: Lightning's strategies (DDP, FSDP, DeepSpeed) are
@@ -107,26 +108,39 @@ def assign_members(costs: Sequence[float], workers: int) -> list[list[int]]:
 def _serve(
     conn: Connection, members: list[nn.Module], names: list[int], threads: int, device: str | None
 ) -> None:
-    """A worker's loop: receive ``(x, rows)``, answer ``("ok", outputs)`` or ``("error", text)``; ``None`` stops."""
+    """A worker's loop: receive ``(buffer or None, rows)``, answer ``("ok", outputs)`` or ``("error", text)``.
+
+    The batch lives in a shared-memory buffer sent once and reused while its shape stays (``None``: the
+    same buffer, refilled); rows and outputs travel by value (numpy arrays), which costs less than a
+    shared-memory handle per small tensor. ``None`` stops the worker.
+    """
     torch.set_num_threads(threads)
     if device is not None:
         members = [m.to(device) for m in members]
     for member in members:
         member.eval()
+    batch = None
     while True:
         request = conn.recv()
         if request is None:
             return
-        x, rows = request
+        buffer, rows = request
+        batch = buffer if buffer is not None else batch
         try:
-            if device is not None:
-                x = x.to(device)
-                rows = None if rows is None else [r if r is None else r.to(device) for r in rows]
-            outputs = run_members(members, x, rows)
-            conn.send(("ok", [o if o is None else o.cpu() for o in outputs]))
+            x = batch if device is None else batch.to(device)
+            selected = (
+                None
+                if rows is None
+                else [None if r is None else torch.from_numpy(r).to(x.device) for r in rows]
+            )
+            outputs = run_members(members, x, selected)
+            conn.send(("ok", [None if o is None else o.cpu().numpy() for o in outputs]))
         except Exception:  # reported to the caller, which raises WorkerError with this text
             conn.send(
-                ("error", f"members {names} on a batch of shape {tuple(x.shape)}:\n{traceback.format_exc()}")
+                (
+                    "error",
+                    f"members {names} on a batch of shape {tuple(batch.shape)}:\n{traceback.format_exc()}",
+                )
             )
 
 
@@ -141,7 +155,7 @@ class MemberPool:
     """Members evaluated in parallel by worker processes, each holding a share of them (a context manager).
 
     Each worker gets its members once, at start (pickled: parameters travel through shared memory), and
-    then, for every :meth:`run`, the batch (copied once into shared memory) and its rows; it runs
+    then, for every :meth:`run`, the batch (in a shared-memory buffer) and its rows; it runs
     :func:`run_members` on its share with ``threads`` intra-op threads, and the outputs come back in the
     members' order. With ``devices``, worker ``w`` moves its members and each batch to ``devices[w]`` and
     returns CPU tensors (one GPU per worker; use the ``spawn`` start method there).
@@ -194,6 +208,7 @@ class MemberPool:
         self.num_members, self.timeout = len(members), timeout
         context = mp.get_context(start_method)
         self._workers: list[_Worker] = []
+        self._buffer: Tensor | None = None
         try:
             for w, share in enumerate(self.assignment):
                 parent, child = context.Pipe()
@@ -227,11 +242,17 @@ class MemberPool:
             raise RuntimeError("this MemberPool is closed.")
         if rows is not None and len(rows) != self.num_members:
             raise ValueError(f"`rows` must have one entry per member ({self.num_members}), got {len(rows)}.")
-        shared = torch.empty(x.shape, dtype=x.dtype).share_memory_()
-        shared.copy_(x.detach())
+        fresh = self._buffer is None or self._buffer.shape != x.shape or self._buffer.dtype != x.dtype
+        if fresh:  # sent once; the workers keep it while batches keep this shape
+            self._buffer = torch.empty(x.shape, dtype=x.dtype).share_memory_()
+        self._buffer.copy_(x.detach())
         for worker in self._workers:
-            share = None if rows is None else [rows[k] for k in worker.members]
-            worker.conn.send((shared, share))
+            share = (
+                None
+                if rows is None
+                else [None if rows[k] is None else rows[k].cpu().numpy() for k in worker.members]
+            )
+            worker.conn.send((self._buffer if fresh else None, share))
         outputs: list[Tensor | None] = [None] * self.num_members
         errors = []
         for w, worker in enumerate(self._workers):
@@ -240,7 +261,7 @@ class MemberPool:
                 errors.append(f"worker {w}, {payload}")
                 continue
             for k, out in zip(worker.members, payload, strict=True):
-                outputs[k] = out
+                outputs[k] = None if out is None else torch.from_numpy(out).to(x.device)
         if errors:
             raise WorkerError("a member failed in its worker process: " + "\n".join(errors))
         return outputs
@@ -327,15 +348,26 @@ class CostModel:
 
     @classmethod
     def fit(cls, member_seconds: Sequence[float], measured: dict[int, float]) -> CostModel:
-        """Least squares of ``measured[W] - compute(W)`` on ``a + b W``; ``b = 0`` from one worker count."""
+        """Least squares of ``measured[W] - compute(W)`` on ``a + b W`` with ``a, b >= 0`` (an overhead neither
+        negative nor falling with more workers); from one worker count, ``b = 0``.
+
+        Example:
+            >>> model = CostModel.fit([0.01] * 4, {1: 0.042, 2: 0.023})  # residuals 2 ms and 3 ms
+            >>> round(model.a, 6), round(model.b, 6)
+            (0.001, 0.001)
+        """
         base = cls(list(member_seconds), 0.0, 0.0)
-        points = [(w, s - base.compute(w)) for w, s in sorted(measured.items())]
-        if len(points) == 1:
-            return cls(list(member_seconds), points[0][1], 0.0)
+        points = [(float(w), s - base.compute(w)) for w, s in sorted(measured.items())]
         mean_w = statistics.fmean(w for w, _ in points)
         mean_r = statistics.fmean(r for _, r in points)
-        b = sum((w - mean_w) * (r - mean_r) for w, r in points) / sum((w - mean_w) ** 2 for w, _ in points)
-        return cls(list(member_seconds), mean_r - b * mean_w, b)
+        spread = sum((w - mean_w) ** 2 for w, _ in points)
+        b = sum((w - mean_w) * (r - mean_r) for w, r in points) / spread if spread else 0.0
+        a = mean_r - b * mean_w
+        if b < 0:  # the constrained optimum lies on b = 0
+            a, b = mean_r, 0.0
+        if a < 0:  # ... or on a = 0
+            a, b = 0.0, max(0.0, sum(w * r for w, r in points) / sum(w * w for w, _ in points))
+        return cls(list(member_seconds), max(a, 0.0), b)
 
 
 @dataclass
