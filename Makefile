@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble benchmark-precision benchmark-gpu reproduce lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ study-ensembles: setup ## single CNNs vs ensembles of smaller CNNs: accuracy aga
 
 distill-ensemble: setup ## 3 CNN members -> ensemble -> distilled CNNs at 8 and 20 epochs; share of the ensemble's gain kept
 	$(BIN)/python scripts/distill_ensemble.py
+
+distill-specialists: setup ## generalist + specialists (KL combination) distilled into one student, 3 seeds; share of the gain kept
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/distill_specialists.py
+
+benchmark-parallel: setup ## ensemble members in 1 vs 2 worker processes against the sequential loop; cost model for more
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/benchmark_parallel_ensemble.py
 
 benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on this CPU
 	$(BIN)/python scripts/benchmark_precision.py

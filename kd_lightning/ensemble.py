@@ -34,6 +34,7 @@ from kd_lightning.contracts import Batch, EvalOutput, HasInputShape
 from kd_lightning.costs import forward_flops
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.modules import ClassifierBase, load_teacher, teacher_num_classes
+from kd_lightning.parallel import MemberPool
 
 Rule = Literal["mean_probs", "mean_logits", "geometric"]
 
@@ -173,8 +174,12 @@ class Ensemble(nn.Module):
         self.num_classes = _common_num_classes(members, self.input_shape)
         self.members = nn.ModuleList(members)
 
-    def member_logits(self, x: Tensor) -> Tensor:
-        """``(M, N, C)`` logits of every member, in fp32."""
+    def member_logits(self, x: Tensor, pool: MemberPool | None = None) -> Tensor:
+        """``(M, N, C)`` logits of every member, in fp32: one after another, or by the worker processes of
+        ``pool`` (a :class:`~kd_lightning.parallel.MemberPool` of :attr:`members`, in order), with the same
+        values."""
+        if pool is not None:
+            return torch.stack(pool.run(x))
         return torch.stack([member(x).float() for member in self.members])
 
     def forward(self, x: Tensor) -> Tensor:

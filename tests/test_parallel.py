@@ -73,8 +73,9 @@ def test_an_ensemble_combined_from_parallel_members_is_the_ensemble():
     ensemble = Ensemble(members=nets, input_shape=(1, 12, 12))
     x = torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(2))
     with MemberPool(nets, 2, start_method=FORK) as pool, torch.no_grad():
-        parallel = combine_logits(torch.stack(pool.run(x)), "mean_probs")
-        assert torch.equal(parallel, ensemble(x))
+        logits = ensemble.member_logits(x, pool)
+        assert torch.equal(logits, ensemble.member_logits(x))
+        assert torch.equal(combine_logits(logits, ensemble.rule), ensemble(x))
 
 
 @pytest.mark.slow
