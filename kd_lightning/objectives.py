@@ -344,4 +344,9 @@ class AttentionTransfer(FeatureObjective):
         pairs = self._pairs(features)
         attention = attention_transfer_loss([s for s, _ in pairs], [t for _, t in pairs], self.beta, self.p)
         parts = self.logits(student_logits, teacher_logits, target)
-        return {"loss": parts["loss"] + attention, "hard": parts["hard"], "soft": parts["soft"], "at": attention}
+        return {
+            "loss": parts["loss"] + attention,
+            "hard": parts["hard"],
+            "soft": parts["soft"],
+            "at": attention,
+        }
