@@ -250,7 +250,8 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier, LiveTea
     recompute them).
 
     An objective on intermediate representations (``objective.layer_pairs``: FitNets hints, attention
-    transfer) has the named layers of both networks captured during each step's forward passes (hooks
+    transfer) has the named layers of both networks (names within the student network and within the
+    teacher's network, :func:`network_of`) captured during each step's forward passes (hooks
     registered for the pass and removed after it, :mod:`kd_lightning.features`); its ``adapters``
     (FitNets' regressors) are built here from the features' shapes, as the submodule ``adapters``: they
     train with the student (``trainable_parameters``) and are saved in its checkpoints. Such an objective
@@ -330,10 +331,11 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier, LiveTea
         if not self.objective.layer_pairs or self.teacher is None or self._student_taps is None:
             return
         names = [t for _, t in self.objective.layer_pairs]
-        self._teacher_taps = FeatureTaps.of(self.teacher, names, "objective.teacher_layers")
+        network = network_of(self.teacher)
+        self._teacher_taps = FeatureTaps.of(network, names, "objective.teacher_layers")
         if len(self.adapters) == 0:
             student = feature_shapes(self.net, self._student_taps, self.input_shape)
-            teacher = feature_shapes(self.teacher, self._teacher_taps, self.input_shape)
+            teacher = feature_shapes(network, self._teacher_taps, self.input_shape)
             self.adapters = nn.ModuleList(self.objective.adapters(student, teacher))
 
     def _forward_with_teacher(self, batch: Batch) -> tuple[Tensor, Tensor, FeaturePairs]:
@@ -419,6 +421,18 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier, LiveTea
             out["teacher_logits"] = teacher_logits.detach()
         self._log_step(stage, losses, logits, target, teacher_logits)
         return out
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The network whose layer names a feature objective uses: a module's ``net`` (a teacher loaded from a
+    checkpoint is a :class:`ClassifierBase`), any other ``nn.Module`` itself.
+
+    Example:
+        >>> net = nn.Linear(2, 3)
+        >>> network_of(net) is net
+        True
+    """
+    return model.net if isinstance(model, ClassifierBase) else model
 
 
 def non_finite_loss_message(

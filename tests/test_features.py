@@ -386,3 +386,14 @@ def test_two_process_feature_distillation(tmp_path):
         assert math.isfinite(r["hint"]) and r["hooks"] == 0
     # DDP all-reduces the regressors' gradients: both ranks hold the same weights
     assert ranks[0]["adapters"] == pytest.approx(ranks[1]["adapters"], rel=1e-6)
+
+
+def test_teacher_layers_are_named_within_a_checkpointed_teachers_network():
+    """A teacher loaded from a checkpoint is a ClassifierModule: its layers are named within its `net`."""
+    from kd_lightning.modules import ClassifierModule
+
+    teacher = ClassifierModule(partial(SmallCNN, channels=(8, 16), head=16, channels_last=False), 4, SHAPE)
+    module = make_module(AttentionTransfer(STAGES, STAGES))
+    module.set_teacher(teacher)
+    logits, teacher_logits, features = module._forward_with_teacher(batch())
+    assert [tuple(t.shape) for _, t in features] == [(8, 8, 4, 4), (8, 16, 2, 2)]

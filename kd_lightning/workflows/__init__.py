@@ -44,6 +44,7 @@ WORKFLOWS: dict[str, str] = {
     "fill-store": "kd_lightning.workflows.fill_store:fill_store",
     "choose": "kd_lightning.workflows.selection:choose_on_validation",
     "ensemble-kd": "kd_lightning.workflows.ensemble_distillation:distil_ensemble",
+    "feature-kd": "kd_lightning.workflows.feature_study:compare_feature_methods",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 
