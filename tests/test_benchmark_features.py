@@ -38,3 +38,10 @@ def test_quick_feature_study_runs_every_method_and_reuses_finished_stages(tmp_pa
 def test_paired_verdict_needs_the_gain_beyond_twice_its_standard_error():
     assert paired_verdict([0.5, 0.5, 0.5], [0.4, 0.41, 0.39]) == "loss"
     assert paired_verdict([0.5, 0.5], [0.5, 0.5]) == "absent (within noise)"
+
+
+def test_kd_feature_kd_is_built_from_the_signature():
+    from kd_lightning.workflows import parser_for
+
+    config = parser_for("feature-kd").parse_args(["--seeds", "[4, 5]", "--choose", "false"])
+    assert config.seeds == [4, 5] and config.choose is False and config.out == "runs/benchmark_features"
