@@ -188,13 +188,36 @@ class FeatureObjective(Objective):
         self.logits = HintonKD(temperature, hard_weight, soft_loss)
         self.temperature = temperature
 
-    def _pairs(self, features: FeaturePairs) -> FeaturePairs:
+    #: Name of the feature term among the returned components (``train/<component>`` in the logs).
+    component: str = "feature"
+
+    @abstractmethod
+    def feature_loss(self, pairs: FeaturePairs) -> Tensor:
+        """The feature term over the layer pairs (a scalar fp32 tensor)."""
+
+    def weights(self, epoch: int) -> tuple[float, float]:
+        """The weights of the logit term and of the feature term at ``epoch``. Default: both 1."""
+        return 1.0, 1.0
+
+    def __call__(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        epoch: int = 0,
+        features: FeaturePairs = (),
+    ) -> dict[str, Tensor]:
         if len(features) != len(self.layer_pairs):
             raise ValueError(
                 f"{type(self).__name__} compares {len(self.layer_pairs)} layer pairs {list(self.layer_pairs)} but "
                 f"was given {len(features)} feature pairs; DistillationModule captures them."
             )
-        return features
+        feature = self.feature_loss(features)
+        parts = self.logits(student_logits, teacher_logits, target)
+        # A weight of 0 keeps its term in the graph: every parameter takes part in every loss (DDP needs it).
+        logit_weight, feature_weight = self.weights(epoch)
+        loss = logit_weight * parts["loss"] + feature_weight * feature
+        return {"loss": loss, "hard": parts["hard"], "soft": parts["soft"], self.component: feature}
 
 
 class FitNetsHints(FeatureObjective):
@@ -212,8 +235,8 @@ class FitNetsHints(FeatureObjective):
     * a joint loss (RepDistiller's): ``feature_only_epochs=0, keep_hint=True``: soft targets plus
       ``hint_weight`` times the hint at every step.
 
-    Every term is computed at every step and weighted by 0 when off, so every parameter takes part in each
-    loss (DDP requires it).
+    Every term is computed at every step and weighted by 0 when off (:meth:`weights`), so every parameter
+    takes part in each loss (DDP requires it).
 
     Args:
         student_layers: the student's guided layer(s), by module name.
@@ -228,6 +251,8 @@ class FitNetsHints(FeatureObjective):
     Raises:
         ValueError: the hint would never be used, a negative weight or epoch count, or bad layer lists.
     """
+
+    component = "hint"
 
     def __init__(
         self,
@@ -260,21 +285,13 @@ class FitNetsHints(FeatureObjective):
     ) -> list[nn.Module]:
         return [regressor(s, t) for s, t in zip(student_shapes, teacher_shapes, strict=True)]
 
-    def __call__(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        epoch: int = 0,
-        features: FeaturePairs = (),
-    ) -> dict[str, Tensor]:
-        pairs = self._pairs(features)
-        hint = sum(hint_loss(*match_spatial(s, t)) for s, t in pairs)
-        parts = self.logits(student_logits, teacher_logits, target)
-        first_stage = epoch < self.feature_only_epochs
-        hint_weight = self.hint_weight if first_stage or self.keep_hint else 0.0
-        loss = (0.0 if first_stage else 1.0) * parts["loss"] + hint_weight * hint
-        return {"loss": loss, "hard": parts["hard"], "soft": parts["soft"], "hint": hint}
+    def feature_loss(self, pairs: FeaturePairs) -> Tensor:
+        return sum(hint_loss(*match_spatial(s, t)) for s, t in pairs)
+
+    def weights(self, epoch: int) -> tuple[float, float]:
+        if epoch < self.feature_only_epochs:
+            return 0.0, self.hint_weight
+        return 1.0, self.hint_weight if self.keep_hint else 0.0
 
 
 def regressor(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
@@ -317,6 +334,8 @@ class AttentionTransfer(FeatureObjective):
         soft_loss: ``"kl"`` or ``"ce"``.
     """
 
+    component = "at"
+
     def __init__(
         self,
         student_layers: Sequence[str],
@@ -333,20 +352,5 @@ class AttentionTransfer(FeatureObjective):
         self.beta = beta
         self.p = p
 
-    def __call__(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        epoch: int = 0,
-        features: FeaturePairs = (),
-    ) -> dict[str, Tensor]:
-        pairs = self._pairs(features)
-        attention = attention_transfer_loss([s for s, _ in pairs], [t for _, t in pairs], self.beta, self.p)
-        parts = self.logits(student_logits, teacher_logits, target)
-        return {
-            "loss": parts["loss"] + attention,
-            "hard": parts["hard"],
-            "soft": parts["soft"],
-            "at": attention,
-        }
+    def feature_loss(self, pairs: FeaturePairs) -> Tensor:
+        return attention_transfer_loss([s for s, _ in pairs], [t for _, t in pairs], self.beta, self.p)

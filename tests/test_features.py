@@ -14,7 +14,7 @@ import torch
 import yaml
 from conftest import TinySource
 from torch import nn
-from trainers import ReleaseProcessGroup, quiet_trainer
+from trainers import quiet_trainer
 
 from kd_lightning.callbacks import SoftTargetCache
 from kd_lightning.datamodules import IndexedDataModule
@@ -358,20 +358,15 @@ class Report(L.Callback):
 def distil_ddp(path: Path) -> None:
     """FitNets (joint loss) with 2 processes under bf16-mixed."""
     L.seed_everything(5)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        path,
         devices=2,
         strategy="ddp_spawn",
         precision="bf16-mixed",
         max_epochs=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=path,
-        callbacks=[Report(path), ReleaseProcessGroup()],
+        callbacks=[Report(path)],
     )
     trainer.fit(make_module(FitNetsHints(STAGES, STAGES)), make_dm())
 
