@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu reproduce lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu benchmark-features reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ benchmark-precision: setup ## teacher memory and step time, fp32 vs bf16, on thi
 
 benchmark-gpu: setup ## distillation on a GPU (CPU without one): images/s, peak memory, data wait, FLOP limit; writes runs/benchmarks/gpu.md
 	$(BIN)/python scripts/benchmark_gpu.py --out runs/benchmarks/gpu.md
+
+benchmark-features: setup ## intermediate-layer KD on Fashion-MNIST: CNN student alone vs Hinton KD vs FitNets hints vs attention transfer, 3 seeds (~20 min on 2 quiet cores)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/benchmark_features.py
 
 reproduce: setup ## reproduce Hinton et al.'s experiments at small scale through kd stages, two processes; writes docs/reproduction.md (finished stages reused)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce.py

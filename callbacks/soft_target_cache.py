@@ -47,6 +47,7 @@ from kd_lightning.cache import (
     CacheDataModule,
     ClassCount,
     EpochSetting,
+    LiveTeacherNeed,
     LoaderOptions,
     NamedPrecision,
     ReplayableDataset,
@@ -73,6 +74,17 @@ from kd_lightning.store import (
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+def _check_served_by_logits(pl_module: L.LightningModule) -> None:
+    """Refuse a module whose training needs more of its teacher than stored logits (intermediate features).
+
+    Raises:
+        ValueError: the module says why stored soft targets do not suffice.
+    """
+    reason = pl_module.live_teacher_reason() if isinstance(pl_module, LiveTeacherNeed) else None
+    if reason is not None:
+        raise ValueError(f"SoftTargetCache cannot serve {type(pl_module).__name__}: {reason}")
 
 
 class SoftTargetCache(Callback):
@@ -158,6 +170,7 @@ class SoftTargetCache(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        _check_served_by_logits(pl_module)
         # Checked afresh at every fit: the teacher file or the data may have changed in between.
         self._stores, self._teacher, self._teacher_fp, self._ckpt_sha = {}, None, None, None
         if stage == "fit":

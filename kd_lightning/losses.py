@@ -194,3 +194,134 @@ def dkd_loss(
     log_qt = F.log_softmax(t.masked_fill(gt, -big), -1)
     nckd = (log_qt.exp() * (log_qt - log_qs)).masked_fill(gt, 0).sum(-1).mean() * temperature**2
     return {"loss": alpha * tckd + beta * nckd, "tckd": tckd, "nckd": nckd}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Intermediate representations: FitNets hints and attention transfer.
+
+
+def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Bring two ``(N, C, H, W)`` feature maps to the same height and width: the larger of each side is
+    average-pooled (``adaptive_avg_pool2d``) to the smaller. Maps of equal size are returned as they are.
+
+    Raises:
+        ValueError: the batch sizes differ, or maps of different sizes are not 4-d.
+
+    Example:
+        >>> s, t = match_spatial(torch.ones(2, 3, 8, 8), torch.ones(2, 5, 4, 4))
+        >>> tuple(s.shape), tuple(t.shape)
+        ((2, 3, 4, 4), (2, 5, 4, 4))
+    """
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(
+            f"student and teacher features must have the same batch size, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}."
+        )
+    if student.shape[2:] == teacher.shape[2:]:
+        return student, teacher
+    if student.dim() != 4 or teacher.dim() != 4:
+        raise ValueError(
+            "features of different spatial sizes must be (N, C, H, W) maps to be pooled to one size, got "
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}."
+        )
+    size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+
+    def pooled(x: Tensor) -> Tensor:
+        return x if tuple(x.shape[2:]) == size else F.adaptive_avg_pool2d(x, size)
+
+    return pooled(student), pooled(teacher)
+
+
+def hint_loss(regressed: Tensor, teacher_feature: Tensor) -> Tensor:
+    """FitNets' hint loss (Romero et al. 2015): squared error between the regressed student feature
+    ``r(v)`` and the teacher's hint ``u``, averaged over every element (batch, channels, positions).
+
+    The paper writes ``1/2 ||u - r(v)||^2`` per sample; the mean differs from it by a constant factor
+    (``2 / (C H W)``), which the objective's weight absorbs (RepDistiller's ``nn.MSELoss`` is this mean).
+
+    Args:
+        regressed: the student's feature after its regressor, ``(N, ...)`` of the teacher's shape.
+        teacher_feature: the teacher's feature (no gradient needed).
+
+    Returns:
+        A scalar fp32 tensor.
+
+    Raises:
+        ValueError: the shapes differ (a regressor must map the student's channels to the teacher's).
+
+    Example:
+        >>> u = torch.zeros(1, 2, 1, 1); r = torch.tensor([[[[1.0]], [[3.0]]]])
+        >>> float(hint_loss(r, u))
+        5.0
+    """
+    if regressed.shape != teacher_feature.shape:
+        raise ValueError(
+            "the regressed student feature and the teacher's feature must have the same shape, got "
+            f"{tuple(regressed.shape)} and {tuple(teacher_feature.shape)}."
+        )
+    return F.mse_loss(regressed.float(), teacher_feature.float())
+
+
+def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+    """Zagoruyko & Komodakis' (2017) activation-based spatial attention map, flattened and L2-normalised.
+
+    ``Q = vec(mean_c |A_c|**p)``, then ``Q / ||Q||_2`` per sample. The paper sums over channels; the
+    authors' code averages, which the normalisation makes identical.
+
+    Args:
+        feature: ``(N, C, ...)`` activations (at least one spatial axis).
+        p: the power (the paper's ``p = 2``).
+
+    Returns:
+        ``(N, positions)`` fp32, each row of unit L2 norm (or zero for an all-zero feature).
+
+    Example:
+        >>> a = torch.zeros(1, 1, 1, 2); a[..., 0] = 3.0
+        >>> attention_map(a).tolist()
+        [[1.0, 0.0]]
+    """
+    if feature.dim() < 3:
+        raise ValueError(f"an attention map needs (N, C, H, ...) features, got shape {tuple(feature.shape)}.")
+    if not p > 0:
+        raise ValueError(f"`p` must be positive, got {p!r}.")
+    return F.normalize(feature.float().abs().pow(p).mean(1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(
+    student_features: list[Tensor], teacher_features: list[Tensor], beta: float = 1000.0, p: float = 2.0
+) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): ``beta / 2 * sum_j mean_{n,i} (Q_S^j - Q_T^j)**2``.
+
+    ``Q^j`` is :func:`attention_map` of the ``j``-th pair of features, pooled to a common size first
+    (:func:`match_spatial`). The paper writes the per-pair term as the norm ``||Q_S/||Q_S|| - Q_T/||Q_T|| ||_2``
+    with ``beta`` "10^3 divided by the number of elements in the attention map and the batch size"; its
+    published code (and RepDistiller's) uses the squared difference averaged over batch and positions with
+    ``beta = 1000``, which is what this computes.
+
+    Args:
+        student_features: the student's ``(N, C_j, H_j, W_j)`` features, one per pair.
+        teacher_features: the teacher's, in the same order (channel counts may differ).
+        beta: the weight (1000 in the paper's code).
+        p: the attention map's power.
+
+    Returns:
+        A scalar fp32 tensor.
+
+    Raises:
+        ValueError: no pairs, or lists of different lengths.
+
+    Example:
+        >>> f = torch.rand(2, 3, 4, 4)
+        >>> float(attention_transfer_loss([f], [2.0 * f]))  # maps are normalised: a scale costs nothing
+        0.0
+    """
+    if not student_features or len(student_features) != len(teacher_features):
+        raise ValueError(
+            "attention transfer needs one teacher feature per student feature, and at least one pair; got "
+            f"{len(student_features)} student and {len(teacher_features)} teacher features."
+        )
+    total = torch.zeros((), dtype=torch.float32, device=student_features[0].device)
+    for s, t in zip(student_features, teacher_features, strict=True):
+        s, t = match_spatial(s, t)
+        total = total + (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+    return beta / 2 * total

@@ -9,6 +9,7 @@ optional :class:`~kd_lightning.optim.Schedule`. The maths of distillation lives 
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lightning.cache.protocols import ClassCount, TeacherCarrier
+from kd_lightning.cache.protocols import ClassCount, LiveTeacherNeed, TeacherCarrier
 from kd_lightning.contracts import Batch, EvalOutput
+from kd_lightning.features import FeatureTaps, feature_shapes
 from kd_lightning.frozen import FrozenNetworks
 from kd_lightning.models import checkpoint_weights
-from kd_lightning.objectives import HintonKD, Objective
+from kd_lightning.objectives import FeaturePairs, HintonKD, Objective
 from kd_lightning.optim import Schedule
 
 NetFactory = Callable[[tuple[int, ...], int], nn.Module]
@@ -233,7 +235,7 @@ class ClassifierModule(ClassifierBase):
 
 # TeacherCarrier is subclassed, not only matched: on Python 3.12+ ``isinstance`` with a protocol looks
 # members up statically, and a teacher held as a submodule is not found that way.
-class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
+class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier, LiveTeacherNeed):
     """Train a student on a frozen teacher's soft targets (and the hard labels).
 
     The teacher is frozen by construction (:class:`~kd_lightning.frozen.FrozenNetworks`): it is in eval
@@ -246,6 +248,14 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
     (``kd_loss``) and components (``kd_hard``, ``kd_soft``, ...), ``teacher_acc`` and the
     teacher–student top-1 ``agreement``: the single source of these numbers (the dashboard does not
     recompute them).
+
+    An objective on intermediate representations (``objective.layer_pairs``: FitNets hints, attention
+    transfer) has the named layers of both networks (names within the student network and within the
+    teacher's network, :func:`network_of`) captured during each step's forward passes (hooks
+    registered for the pass and removed after it, :mod:`kd_lightning.features`); its ``adapters``
+    (FitNets' regressors) are built here from the features' shapes, as the submodule ``adapters``: they
+    train with the student (``trainable_parameters``) and are saved in its checkpoints. Such an objective
+    needs the live teacher: soft targets from a store are refused (:meth:`live_teacher_reason`).
 
     Args:
         student: network factory for the student.
@@ -284,6 +294,13 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
         if teacher is not None and teacher_ckpt is not None:
             raise ValueError("give the teacher once: either `teacher` or `teacher_ckpt`, not both.")
         self.teacher: nn.Module | None = None
+        # The objective's trainable modules (FitNets' regressors), one per layer pair; built with the teacher.
+        self.adapters = nn.ModuleList()
+        self._student_taps: FeatureTaps | None = None
+        self._teacher_taps: FeatureTaps | None = None
+        if self.objective.layer_pairs:
+            names = [s for s, _ in self.objective.layer_pairs]
+            self._student_taps = FeatureTaps.of(self.net, names, "objective.student_layers")
         if teacher_ckpt is not None:
             teacher = load_teacher(teacher_ckpt)
         if teacher is not None:
@@ -292,6 +309,55 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
     @property
     def student(self) -> nn.Module:
         return self.net
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The student's parameters and its objective's adapters' (never the teacher's)."""
+        return itertools.chain(self.net.parameters(), self.adapters.parameters())
+
+    def live_teacher_reason(self) -> str | None:
+        """Why this module's training needs its teacher's forward pass rather than stored soft targets, or
+        ``None`` when stored logits suffice."""
+        if not self.objective.layer_pairs:
+            return None
+        return (
+            f"the objective {type(self.objective).__name__} compares intermediate features of the teacher "
+            f"(layer pairs {list(self.objective.layer_pairs)}), which a soft-target store does not hold: they are "
+            "computed live, by the teacher's forward pass at every step. Remove the SoftTargetCache callback "
+            "and give the teacher (`teacher_ckpt`)."
+        )
+
+    def _bind_teacher_features(self) -> None:
+        """Tap the teacher's layers and build the adapters from both networks' feature shapes."""
+        if not self.objective.layer_pairs or self.teacher is None or self._student_taps is None:
+            return
+        names = [t for _, t in self.objective.layer_pairs]
+        network = network_of(self.teacher)
+        self._teacher_taps = FeatureTaps.of(network, names, "objective.teacher_layers")
+        if len(self.adapters) == 0:
+            student = feature_shapes(self.net, self._student_taps, self.input_shape)
+            teacher = feature_shapes(network, self._teacher_taps, self.input_shape)
+            self.adapters = nn.ModuleList(self.objective.adapters(student, teacher))
+
+    def _forward_with_teacher(self, batch: Batch) -> tuple[Tensor, Tensor, FeaturePairs]:
+        """The student's logits, the teacher's, and the objective's feature pairs (empty for an objective on
+        logits only): student features through their adapters, teacher features, as the forward passes
+        returned them (the losses upcast to fp32)."""
+        if self._student_taps is None:
+            return self(batch["input"]), self.teacher_logits(batch), ()
+        reason = self.live_teacher_reason()
+        if "teacher_logits" in batch:
+            raise RuntimeError(f"batch['teacher_logits'] came from a soft-target store, but {reason}")
+        if self._teacher_taps is None:
+            raise RuntimeError(
+                "DistillationModule has no teacher, and its objective compares the teacher's intermediate "
+                "features: pass `teacher_ckpt` (or `teacher`)."
+            )
+        with self._student_taps.capture() as student:
+            logits = self(batch["input"])
+        with self._teacher_taps.capture() as teacher:
+            teacher_logits = self.teacher_logits(batch)
+        pairs = [(adapt(s), t) for adapt, s, t in zip(self.adapters, student, teacher, strict=True)]
+        return logits, teacher_logits, pairs
 
     def set_teacher(self, teacher: nn.Module) -> None:
         """Attach ``teacher`` frozen, after checking it predicts this module's number of classes."""
@@ -303,6 +369,7 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
                 f"logits but `num_classes` (student, from the data) is {self.num_classes}."
             )
         self.freeze("teacher", teacher)
+        self._bind_teacher_features()
 
     def teacher_logits(self, batch: Batch) -> Tensor:
         """The teacher's logits for ``batch``: ``batch["teacher_logits"]`` when something upstream (the
@@ -319,11 +386,19 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
             return self.teacher(batch["input"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logits = self(batch["input"])
-        teacher_logits = self.teacher_logits(batch)
-        losses = self.objective(logits, teacher_logits, batch["target"], epoch=self.current_epoch)
+        logits, teacher_logits, features = self._forward_with_teacher(batch)
+        losses = self.objective(logits, teacher_logits, batch["target"], self.current_epoch, features)
         self._log_step("train", losses, logits, batch["target"], teacher_logits)
         return losses["loss"]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Rebuilt without its teacher (e.g. as a teacher itself, `load_teacher`), the module has no adapters:
+        # they only serve the training loss, so their saved weights are not needed.
+        if len(self.adapters) == 0:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("adapters.")]:
+                del state[key]
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
@@ -331,19 +406,33 @@ class DistillationModule(FrozenNetworks, ClassifierBase, TeacherCarrier):
             self.log("train/temperature", float(self.objective.temperature))
 
     def _eval_step(self, stage: str, batch: Batch) -> EvalOutput:
-        logits = self(batch["input"])
         target = batch["target"]
-        losses = {"loss": nn.functional.cross_entropy(logits.float(), target)}
-        out = EvalOutput(logits=logits.detach(), target=target)
         teacher_logits = None
         if self.teacher is not None or "teacher_logits" in batch:
-            teacher_logits = self.teacher_logits(batch)
-            parts = self.objective(logits, teacher_logits, target, epoch=self.current_epoch)
+            logits, teacher_logits, features = self._forward_with_teacher(batch)
+        else:
+            logits = self(batch["input"])
+        losses = {"loss": nn.functional.cross_entropy(logits.float(), target)}
+        out = EvalOutput(logits=logits.detach(), target=target)
+        if teacher_logits is not None:
+            parts = self.objective(logits, teacher_logits, target, self.current_epoch, features)
             # The objective's total as `kd_loss`, each other component as `kd_<name>`.
             losses.update({f"kd_{name}": value for name, value in parts.items()})
             out["teacher_logits"] = teacher_logits.detach()
         self._log_step(stage, losses, logits, target, teacher_logits)
         return out
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The network whose layer names a feature objective uses: a module's ``net`` (a teacher loaded from a
+    checkpoint is a :class:`ClassifierBase`), any other ``nn.Module`` itself.
+
+    Example:
+        >>> net = nn.Linear(2, 3)
+        >>> network_of(net) is net
+        True
+    """
+    return model.net if isinstance(model, ClassifierBase) else model
 
 
 def non_finite_loss_message(

@@ -111,6 +111,16 @@ class TeacherCarrier(Protocol):
 
 
 @runtime_checkable
+class LiveTeacherNeed(Protocol):
+    """A model whose training may need its teacher's forward pass itself, not only the teacher's logits
+    (e.g. an objective on intermediate features): a soft-target store cannot serve it then."""
+
+    def live_teacher_reason(self) -> str | None:
+        """Why stored soft targets do not suffice, or ``None`` when they do."""
+        ...
+
+
+@runtime_checkable
 class ClassCount(Protocol):
     """A model or data with a number of classes."""
 

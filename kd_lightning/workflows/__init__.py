@@ -45,6 +45,7 @@ WORKFLOWS: dict[str, str] = {
     "choose": "kd_lightning.workflows.selection:choose_on_validation",
     "ensemble-kd": "kd_lightning.workflows.ensemble_distillation:distil_ensemble",
     "specialists-kd": "kd_lightning.workflows.specialist_distillation:distil_specialists",
+    "feature-kd": "kd_lightning.workflows.feature_study:compare_feature_methods",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 
