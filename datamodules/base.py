@@ -19,10 +19,18 @@ import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
+from kd_lightning.cache.protocols import (
+    SPLITS,
+    CacheDataModule,
+    EpochSetting,
+    Feed,
+    FeedSetting,
+    LoaderOptions,
+    ReplayableDataset,
+)
 from kd_lightning.contracts import NamedClasses
 from kd_lightning.datamodules.loading import (
     LoaderSettings,
@@ -271,12 +279,30 @@ def targets_hash(targets: Tensor) -> str:
     return hashlib.sha256(targets.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, EpochSetting, LoaderOptions):
+class FedCollate:
+    """``default_collate``, then ``feed`` on the collated batch (in the DataLoader's worker processes).
+
+    Example:
+        >>> FedCollate(lambda b: {**b, "twice": 2 * b["index"]})([{"index": 1}, {"index": 2}])["twice"]
+        tensor([2, 4])
+    """
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.feed(default_collate(items))
+
+
+class IndexedDataModule(
+    L.LightningDataModule, CacheDataModule, NamedClasses, EpochSetting, LoaderOptions, FeedSetting
+):
     """Train/validation/test loaders over one :class:`ClassificationSource`.
 
     It is what the soft-target cache needs from data (:mod:`kd_lightning.cache.protocols`): a
     ``CacheDataModule`` (``<split>_set``, :meth:`fingerprint`, ``num_classes``), with
-    :meth:`set_epoch` and loader settings; and it names its classes
+    :meth:`set_epoch`, loader settings and :meth:`set_feed` (the cache's soft targets gathered in the
+    loaders' workers); and it names its classes
     (:class:`~kd_lightning.contracts.NamedClasses`, read by the dashboard and the clustering).
 
     The validation split is the source's own when it has one (an image folder's ``val/``), else it is
@@ -385,6 +411,7 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
+        self._feeds: dict[str, Feed] = {}
 
     # What models are built from; linked into the model by the CLI.
     @property
@@ -473,21 +500,44 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         """Whether batches are pinned, as resolved (:attr:`loader_settings`)."""
         return self.loader_settings.pin_memory
 
-    def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+    def set_feed(self, split: str, feed: Feed | None) -> None:
+        """Apply ``feed`` to every collated batch of ``split``'s loaders made from now on, in their worker
+        processes (``None`` removes it). The soft-target cache serves its stores this way.
+
+        Raises:
+            ValueError: ``split`` is not ``"train"``, ``"val"`` or ``"test"``.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+        if feed is None:
+            self._feeds.pop(split, None)
+        else:
+            self._feeds[split] = feed
+
+    def loader_kwargs(self, split: str) -> dict[str, Any]:
+        """DataLoader arguments of ``split``'s loaders: :attr:`loader_settings`, and the split's feed."""
+        feed = self._feeds.get(split)
+        return {
+            **self.loader_settings.as_kwargs(),
+            **({"collate_fn": FedCollate(feed)} if feed is not None else {}),
+        }
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         if dataset is None:
             raise RuntimeError("call `setup()` before asking for a dataloader.")
         # Shuffled: RandomSampler's order, resumable mid-epoch from a checkpoint (datamodules/resumable.py).
         kind = ResumableLoader if shuffle else DataLoader
-        return kind(dataset, batch_size=batch_size, shuffle=shuffle, **self.loader_settings.as_kwargs())
+        return kind(dataset, batch_size=batch_size, shuffle=shuffle, **self.loader_kwargs(split))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader("test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
