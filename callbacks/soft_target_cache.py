@@ -175,7 +175,11 @@ class SoftTargetCache(Callback):
         self._resumed_teachers: dict[str, str] = {}
         self._hits = self._seen = 0
         self._feeds: dict[str, StoreFeed] = {}  # installed on the DataModule, per split
-        self._unfed: set[str] = set()  # splits with a feed whose batches came without it (warned once)
+        # Training batches of this epoch that came without the loader's soft targets, and the first epoch of
+        # this fit (whose first batches loader workers may have made before the feeds were set).
+        self._unfed = 0
+        self._first_epoch: int | None = None
+        self._warned_unfed = False
         self._serve_seconds = 0.0  # this epoch's training batches, in this process's hooks
 
     @property
@@ -201,6 +205,7 @@ class SoftTargetCache(Callback):
         if stage == "fit":
             # A new run starts at epoch 0; a resumed one gets its epoch from `load_state_dict`, later.
             self._epoch, self._resumed_teachers = 0, {}
+        self._first_epoch, self._warned_unfed = None, False
         self._datamodule = _named(check_datamodule, trainer.datamodule)
         self._check_data(pl_module, stage)
         # Fingerprint the module's teacher now: the Trainer converts it to its precision afterwards.
@@ -238,6 +243,9 @@ class SoftTargetCache(Callback):
         self._set_epoch(self._epoch)
         self._hits = self._seen = 0
         self._serve_seconds = 0.0
+        self._unfed = 0
+        if self._first_epoch is None:
+            self._first_epoch = trainer.current_epoch
         if "train" in self._feeds:
             self._feeds["train"].seconds = 0.0
 
@@ -245,6 +253,7 @@ class SoftTargetCache(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Checkpoints written at this epoch's end resume at the next one.
         self._epoch = trainer.current_epoch + 1
+        self._check_fed(trainer)
         if not self._seen:
             return
         # Once per epoch, not per step: a `log` call costs ten times the store lookup.
@@ -484,6 +493,23 @@ class SoftTargetCache(Callback):
             self._feeds[split] = StoreFeed(store, by_view=self._consistent(split))
             data.set_feed(split, self._feeds[split])
 
+    def _check_fed(self, trainer: L.Trainer) -> None:
+        """Warn (once) when the training loader did not gather soft targets after the first epoch.
+
+        In the first epoch of a fit, loader workers started before fitting (Lightning counts the steps of a
+        learning-rate schedule by starting the training loader) have made their first batches before the
+        feeds were set: those are gathered here, in the training process. Later epochs start their loaders
+        afresh, so every batch must come with its soft targets.
+        """
+        if not self._unfed or trainer.current_epoch == self._first_epoch or self._warned_unfed:
+            return
+        self._warned_unfed = True
+        rank_zero_warn(
+            f"SoftTargetCache(gather_in='loader'): {self._unfed} training batch(es) of epoch {trainer.current_epoch} "
+            "came without the soft targets their loader should have gathered (a loader made without the "
+            "DataModule's `loader_kwargs(split)`?); the training process gathered them instead."
+        )
+
     def _remove_feeds(self) -> None:
         data = self._datamodule
         if isinstance(data, FeedSetting):
@@ -502,13 +528,7 @@ class SoftTargetCache(Callback):
             logits = fed.logits
             hits = fill_missing(logits, fed.missing, batch["input"], fallback, repr(str(store.path)))
         else:
-            if split in self._feeds and split not in self._unfed:
-                self._unfed.add(split)
-                rank_zero_warn(
-                    f"SoftTargetCache: a {split!r} batch came without the soft targets its loader should have "
-                    "gathered (a loader made without the DataModule's `loader_kwargs`?); gathering them in "
-                    "the training process instead."
-                )
+            self._unfed += split == "train" and "train" in self._feeds
             logits, hits = _named(
                 soft_targets,
                 store,

@@ -11,6 +11,7 @@ A dataset is a :class:`ClassificationSource` (where the files are, how to read t
 from __future__ import annotations
 
 import hashlib
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -280,18 +281,71 @@ def targets_hash(targets: Tensor) -> str:
 
 
 class FedCollate:
-    """``default_collate``, then ``feed`` on the collated batch (in the DataLoader's worker processes).
+    """``default_collate``, then the current feed (if any) on the collated batch, where the batch is made
+    (the DataLoader's worker processes, or the training process without workers).
+
+    A DataModule gives every loader of a split the same object and sets its feed with :meth:`set`. The
+    feed travels to worker processes through shared memory (pickled, at most :attr:`capacity` bytes),
+    and each copy checks at every batch whether it changed: Lightning starts the training loader's
+    persistent workers before fitting starts (to count a learning-rate schedule's steps), and a feed set
+    after that (the soft-target cache sets its feeds when fitting starts) must still reach them.
 
     Example:
-        >>> FedCollate(lambda b: {**b, "twice": 2 * b["index"]})([{"index": 1}, {"index": 2}])["twice"]
+        >>> collate = FedCollate()
+        >>> collate([{"index": 1}, {"index": 2}])
+        {'index': tensor([1, 2])}
+        >>> collate.set(_doubled_index)
+        >>> collate([{"index": 1}, {"index": 2}])["twice"]
         tensor([2, 4])
     """
 
-    def __init__(self, feed: Feed) -> None:
-        self.feed = feed
+    #: Most bytes a pickled feed may take (a soft-target store's feed: its path and header, a few KB).
+    capacity = 1 << 16
+
+    def __init__(self) -> None:
+        # [version, length] as int64, then the pickled feed: one shared buffer, inherited or pickled as a handle.
+        self._shared = torch.zeros(16 + self.capacity, dtype=torch.uint8).share_memory_()
+        self._feed: Feed | None = None
+        self._version = 0
+
+    def set(self, feed: Feed | None) -> None:
+        """Apply ``feed`` from now on, in every copy of this object (``None``: plain collation).
+
+        Raises:
+            ValueError: the pickled feed exceeds :attr:`capacity` bytes.
+        """
+        data = b"" if feed is None else pickle.dumps(feed)
+        if len(data) > self.capacity:
+            raise ValueError(
+                f"a loader feed pickles to {len(data)} bytes, more than FedCollate.capacity={self.capacity}."
+            )
+        head = self._shared[:16].view(torch.int64)
+        if data:
+            self._shared[16 : 16 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        head[1] = len(data)
+        head[0] += 1
+        self._feed, self._version = feed, int(head[0])
+
+    @property
+    def feed(self) -> Feed | None:
+        """The feed applied now (unpickled again in this process when another one set a new one)."""
+        head = self._shared[:16].view(torch.int64)
+        version = int(head[0])
+        if version != self._version:
+            size = int(head[1])
+            self._feed = pickle.loads(self._shared[16 : 16 + size].numpy().tobytes()) if size else None
+            self._version = version
+        return self._feed
 
     def __call__(self, items: list[Any]) -> Any:
-        return self.feed(default_collate(items))
+        batch = default_collate(items)
+        feed = self.feed
+        return batch if feed is None else feed(batch)
+
+
+def _doubled_index(batch: dict[str, Any]) -> dict[str, Any]:
+    """A feed for :class:`FedCollate`'s example."""
+    return {**batch, "twice": 2 * batch["index"]}
 
 
 class IndexedDataModule(
@@ -411,7 +465,7 @@ class IndexedDataModule(
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
-        self._feeds: dict[str, Feed] = {}
+        self._collate = {split: FedCollate() for split in SPLITS}  # one per split, shared by its loaders
 
     # What models are built from; linked into the model by the CLI.
     @property
@@ -501,26 +555,21 @@ class IndexedDataModule(
         return self.loader_settings.pin_memory
 
     def set_feed(self, split: str, feed: Feed | None) -> None:
-        """Apply ``feed`` to every collated batch of ``split``'s loaders made from now on, in their worker
-        processes (``None`` removes it). The soft-target cache serves its stores this way.
+        """Apply ``feed`` to every collated batch of ``split``'s loaders, where the batch is made (their
+        worker processes), from their next iterator on (``None`` removes it). The soft-target cache serves
+        its stores this way.
 
         Raises:
             ValueError: ``split`` is not ``"train"``, ``"val"`` or ``"test"``.
         """
         if split not in SPLITS:
             raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
-        if feed is None:
-            self._feeds.pop(split, None)
-        else:
-            self._feeds[split] = feed
+        self._collate[split].set(feed)
 
     def loader_kwargs(self, split: str) -> dict[str, Any]:
-        """DataLoader arguments of ``split``'s loaders: :attr:`loader_settings`, and the split's feed."""
-        feed = self._feeds.get(split)
-        return {
-            **self.loader_settings.as_kwargs(),
-            **({"collate_fn": FedCollate(feed)} if feed is not None else {}),
-        }
+        """DataLoader arguments of ``split``'s loaders: :attr:`loader_settings`, and the collate function
+        that applies the split's feed (:meth:`set_feed`)."""
+        return {**self.loader_settings.as_kwargs(), "collate_fn": self._collate[split]}
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]

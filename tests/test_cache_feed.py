@@ -20,7 +20,11 @@ from kd_lightning.datamodules import RandomShift, SpecialistDataModule
 from kd_lightning.models import MLP, SmallCNN
 from kd_lightning.modules import DistillationModule
 from kd_lightning.objectives import HintonKD
+from kd_lightning.optim import OneCycle
 from kd_lightning.store import Encoding, SoftTargetStore, StoreError, StoreWriter
+
+# A loader-mode batch that reaches the training process without its soft targets is a failure here.
+pytestmark = pytest.mark.filterwarnings("error:.*came without the soft targets")
 
 SHAPE = (1, 8, 8)
 STUDENT_NET = partial(MLP, hidden=(16,))
@@ -53,17 +57,20 @@ class StepWindow(L.Callback):
     def __init__(self, monkeypatch) -> None:
         self.inside = False
         self.lookups_in_step = self.lookups = 0
+        self.in_step_by_epoch: dict[int, int] = {}
         lookup = SoftTargetStore.lookup
 
         def counted(store, *args, **kwargs):
             self.lookups += 1
             self.lookups_in_step += self.inside
+            if self.inside:
+                self.in_step_by_epoch[self.epoch] = self.in_step_by_epoch.get(self.epoch, 0) + 1
             return lookup(store, *args, **kwargs)
 
         monkeypatch.setattr(SoftTargetStore, "lookup", counted)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.inside = True
+        self.inside, self.epoch = True, trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.inside = False
@@ -71,7 +78,11 @@ class StepWindow(L.Callback):
 
 def run(trainer_factory, dm, path, gather_in, views=None, teacher=None, extra=(), epochs=2):
     L.seed_everything(0)
-    module = DistillationModule(STUDENT_NET, 4, SHAPE, teacher=teacher, objective=HintonKD(2.0, 0.3))
+    # A schedule makes Lightning build the training loader before fitting starts (to count its steps),
+    # before the cache sets the feed: the loader must apply it all the same.
+    module = DistillationModule(
+        STUDENT_NET, 4, SHAPE, teacher=teacher, objective=HintonKD(2.0, 0.3), lr_schedule=OneCycle()
+    )
     cache = SoftTargetCache(
         str(path), dtype="float16", views=views, gather_in=gather_in, splits=["train", "val"]
     )
@@ -136,7 +147,10 @@ def test_worker_processes_gather_the_soft_targets(tmp_path, tiny_dm, trainer_fac
         trainer_factory, make(num_workers=2), tmp_path / "store", "loader", 2, teacher, extra=[window]
     )
     same_batches(main, loader)
-    assert window.lookups == 0  # every gather ran in a worker process
+    # The workers started before fitting (the schedule's step count) and made the first epoch's batches
+    # before the feed was set: the training process gathered those. From then on, only the workers did.
+    assert window.in_step_by_epoch.get(0, 0) <= 3 and window.in_step_by_epoch.get(1, 0) == 0
+    assert window.lookups == window.lookups_in_step  # no gather in this process outside a step
 
 
 def one_view_store(path, rows: int = 6, classes: int = 3) -> SoftTargetStore:
