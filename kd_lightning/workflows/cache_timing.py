@@ -58,7 +58,7 @@ HAND = "hand-written loop"
 GATHER_PATHS = ("main", "loader")
 
 
-def cached_name(gather_in: str) -> str:
+def cache_name_of(gather_in: str) -> str:
     """The report's name of the cached variant gathering in ``gather_in``."""
     return f"cached, gather_in={gather_in}"
 
@@ -276,7 +276,7 @@ def cache_timing(
     runs: dict[str, Callable[[], tuple[list[float], list[float]]]] = {
         ALONE: partial(_lightning, ALONE, None, source, settings, workdir),
         **{
-            cached_name(g): partial(_lightning, cached_name(g), g, source, settings, workdir)
+            cache_name_of(g): partial(_lightning, cache_name_of(g), g, source, settings, workdir)
             for g in settings.gather_in
         },
         HAND: partial(_hand_written, tensors, source, settings, steps),
