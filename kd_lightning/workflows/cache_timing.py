@@ -52,6 +52,7 @@ from kd_lightning.modules import ClassifierModule, DistillationModule, load_teac
 from kd_lightning.objectives import HintonKD
 from kd_lightning.optim import OneCycle
 from kd_lightning.store import Encoding, SoftTargetStore
+from kd_lightning.workflows.timing import synchronize, training_only_trainer
 
 ALONE = "student alone"
 HAND = "hand-written loop"
@@ -214,25 +215,20 @@ class EpochClock(L.Callback):
         self._start = self._last = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self._start = self._last = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx + 1 == trainer.num_training_batches:  # the epoch's work done on the device too
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
         self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds.append(self._last - self._start)
         if self.cache is not None:
             self.gather_seconds.append(self.cache.gather_seconds)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cache_timing(
@@ -355,20 +351,13 @@ def _lightning(
         cache = SoftTargetCache(str(workdir / "store"), splits=["train"], rebuild=False, gather_in=gather_in)
         callbacks.append(cache)
     clock = EpochClock(cache)
-    trainer = L.Trainer(
+    trainer = training_only_trainer(
         accelerator=settings.accelerator,
-        devices=1,
         precision="32-true",
         max_epochs=settings.epochs,
         limit_train_batches=settings.batches,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=workdir / name.replace(" ", "_").replace(",", "").replace("=", "_"),
         callbacks=[*callbacks, clock],
+        default_root_dir=workdir / name.replace(" ", "_").replace(",", "").replace("=", "_"),
     )
     with warnings.catch_warnings():
         # The store was filled here from the settings' teacher; the module carries none to check it against.
@@ -408,7 +397,7 @@ def _hand_written(
     seconds = []
     for epoch in range(settings.epochs):
         order = torch.randperm(n, device=device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for step in range(steps):
             rows = order[step * b : (step + 1) * b]
@@ -417,7 +406,7 @@ def _hand_written(
             loss.backward()
             optimizer.step()
             scheduler.step()
-        _synchronize(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     return seconds, []
 
