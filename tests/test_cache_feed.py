@@ -14,7 +14,16 @@ import torch
 from lightning.pytorch.plugins.precision import HalfPrecision
 from torch import nn
 
-from kd_lightning.cache import FED, SoftTargets, StoreFeed, StoreIdentity, fill_missing, fill_store, gather
+from kd_lightning.cache import (
+    FED,
+    FeedSetting,
+    SoftTargets,
+    StoreFeed,
+    StoreIdentity,
+    fill_missing,
+    fill_store,
+    gather,
+)
 from kd_lightning.callbacks import SoftTargetCache
 from kd_lightning.datamodules import RandomShift, SpecialistDataModule
 from kd_lightning.models import MLP, SmallCNN
@@ -201,6 +210,7 @@ def test_soft_targets_stay_fp32_under_a_converting_precision(tmp_path):
 
 def test_the_specialist_loader_carries_the_feed(tmp_path, tiny_dm):
     dm = SpecialistDataModule(tiny_dm().source, classes=[0], oversample=0.5, batch_size=16, val_size=64)
+    assert isinstance(dm, FeedSetting)
     dm.setup("fit")
     identity = StoreIdentity.of(
         dm.train_set, dm.fingerprint("train"), num_classes=4, encoding=Encoding("logits", "float32")
