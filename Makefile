@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu benchmark-features reproduce lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-cache-timing benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu benchmark-features reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ benchmark: setup ## KD benchmark: one teacher, 3 student seeds alone vs distille
 
 benchmark-cache: setup ## soft-target cache: epoch time, build throughput, bytes and accuracy per format
 	$(BIN)/python scripts/benchmark_cache.py
+
+benchmark-cache-timing: setup ## cached vs student alone vs a hand-written loop, interleaved (about 5 min)
+	$(BIN)/python scripts/benchmark_cache.py --timing
 
 benchmark-specialists: setup ## generalist + specialists on synthetic data and Fashion-MNIST
 	$(BIN)/python scripts/benchmark_specialists.py

@@ -11,6 +11,18 @@ puts the stored logits into ``batch["teacher_logits"]`` (fp32, ``(N, C)``, on th
 by ``batch["index"]`` (and ``batch["view"]``), and :class:`~kd_lightning.modules.DistillationModule` then
 never runs its teacher for those batches.
 
+Where they are gathered (``gather_in``):
+
+- ``"loader"`` (the default): the DataModule's loaders gather them as they make each batch
+  (:class:`~kd_lightning.cache.StoreFeed`, installed through ``set_feed``: one gather per batch from the
+  memory-mapped store, in the DataLoader's workers when it has any), so they arrive prefetched (pinned
+  on a GPU) with the inputs and the training process does no store I/O. This covers the splits whose
+  store is ready before their loader starts: ``train`` and ``val`` during fitting. A bare
+  ``trainer.validate`` or ``trainer.test`` starts its loader before its store is checked: those batches
+  are served as with ``"main"``. So is data without ``set_feed`` (with a warning).
+- ``"main"``: the training process gathers them at the start of each batch, after the batch reached the
+  device (the behaviour before ``gather_in`` existed; kept to measure one against the other).
+
 Two modes:
 
 - **fixed** (``views=None``, the default and the cheaper option): the teacher saw each sample
@@ -41,22 +53,27 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from kd_lightning.cache import (
+    FED,
     SPLITS,
     BuildStats,
     CacheableDataset,
     CacheDataModule,
     ClassCount,
     EpochSetting,
+    FeedSetting,
     LiveTeacherNeed,
     LoaderOptions,
     NamedPrecision,
     ReplayableDataset,
+    SoftTargets,
+    StoreFeed,
     StoreIdentity,
     TeacherCarrier,
     check_buildable,
     check_datamodule,
     check_replayable,
     check_store,
+    fill_missing,
     fill_store,
     soft_targets,
     split_dataset,
@@ -74,6 +91,9 @@ from kd_lightning.store import (
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: Where soft targets may be gathered (``SoftTargetCache(gather_in=...)``).
+GATHER_IN = ("loader", "main")
 
 
 def _check_served_by_logits(pl_module: L.LightningModule) -> None:
@@ -101,7 +121,8 @@ class SoftTargetCache(Callback):
     fallen back on; a complete store whose checkpoint file is unchanged needs no teacher in memory) or
     else the module's ``teacher``.
 
-    Logs ``cache/hit_rate`` (training samples served from the store; below 1 only in hybrid use).
+    Logs ``cache/hit_rate`` (training samples served from the store; below 1 only in hybrid use), and
+    keeps :attr:`gather_seconds`: the training process's time on the current epoch's training soft targets.
 
     Args:
         path: directory of the stores, one subdirectory per split.
@@ -117,10 +138,12 @@ class SoftTargetCache(Callback):
         splits: splits served from stores (``"train"``, ``"val"``, ``"test"``); ``"val"``/``"test"`` give
             teacher agreement in evaluation without a teacher.
         teacher_ckpt: teacher checkpoint for building; ``None`` uses the module's ``teacher``.
+        gather_in: ``"loader"`` (where the batches are made, the default) or ``"main"`` (in the training
+            process at each batch's start); see the module's docstring.
 
     Raises:
-        ValueError: an unknown kind, dtype or split, ``top_k`` missing or given for logits, or
-            non-positive ``views`` / ``batch_size``.
+        ValueError: an unknown kind, dtype, split or ``gather_in``, ``top_k`` missing or given for logits,
+            or non-positive ``views`` / ``batch_size``.
     """
 
     def __init__(
@@ -134,8 +157,11 @@ class SoftTargetCache(Callback):
         batch_size: int = 1024,
         splits: Sequence[str] = ("train", "val"),
         teacher_ckpt: str | None = None,
+        gather_in: Literal["loader", "main"] = "loader",
     ) -> None:
         self.encoding = Encoding(kind, dtype, top_k)
+        if gather_in not in GATHER_IN:
+            raise ValueError(f"`gather_in` must be one of {GATHER_IN}, got {gather_in!r}.")
         if views is not None and not (isinstance(views, int) and views >= 1):
             raise ValueError(f"`views` must be None (fixed mode) or a positive integer, got {views!r}.")
         if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -149,6 +175,7 @@ class SoftTargetCache(Callback):
         self.batch_size = batch_size
         self.splits = tuple(dict.fromkeys(splits))
         self.teacher_ckpt = teacher_ckpt
+        self.gather_in = gather_in
         #: Per split built by this callback: samples, views, seconds, and bytes of soft targets.
         self.build_stats: dict[str, dict[str, float]] = {}
         self._stores: dict[str, SoftTargetStore] = {}
@@ -159,6 +186,21 @@ class SoftTargetCache(Callback):
         self._epoch = 0  # the epoch whose views the DataModule serves next (resumable)
         self._resumed_teachers: dict[str, str] = {}
         self._hits = self._seen = 0
+        self._feeds: dict[str, StoreFeed] = {}  # installed on the DataModule, per split
+        # Training batches of this epoch that came without the loader's soft targets, and the first epoch of
+        # this fit (whose first batches loader workers may have made before the feeds were set).
+        self._unfed = 0
+        self._first_epoch: int | None = None
+        self._warned_unfed = False
+        self._serve_seconds = 0.0  # this epoch's training batches, in this process's hooks
+
+    @property
+    def gather_seconds(self) -> float:
+        """Seconds the training process spent on this epoch's training soft targets: gathering from the
+        store, moving them to the device, filling missing views (and, for a loader without workers, the
+        loader's own gathers, which run in this process)."""
+        feed = self._feeds.get("train")
+        return self._serve_seconds + (feed.seconds if feed is not None else 0.0)
 
     @property
     @override
@@ -176,6 +218,7 @@ class SoftTargetCache(Callback):
         if stage == "fit":
             # A new run starts at epoch 0; a resumed one gets its epoch from `load_state_dict`, later.
             self._epoch, self._resumed_teachers = 0, {}
+        self._first_epoch, self._warned_unfed = None, False
         self._datamodule = _named(check_datamodule, trainer.datamodule)
         self._check_data(pl_module, stage)
         # Fingerprint the module's teacher now: the Trainer converts it to its precision afterwards.
@@ -191,6 +234,8 @@ class SoftTargetCache(Callback):
         self._report_hybrid()
         self._release_teacher()
         self._set_epoch(self._epoch)
+        if self.gather_in == "loader":
+            self._install_feeds()
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -210,11 +255,18 @@ class SoftTargetCache(Callback):
         self._epoch = trainer.current_epoch
         self._set_epoch(self._epoch)
         self._hits = self._seen = 0
+        self._serve_seconds = 0.0
+        self._unfed = 0
+        if self._first_epoch is None:
+            self._first_epoch = trainer.current_epoch
+        if "train" in self._feeds:
+            self._feeds["train"].seconds = 0.0
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Checkpoints written at this epoch's end resume at the next one.
         self._epoch = trainer.current_epoch + 1
+        self._check_fed(trainer)
         if not self._seen:
             return
         # Once per epoch, not per step: a `log` call costs ten times the store lookup.
@@ -258,6 +310,7 @@ class SoftTargetCache(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._release_teacher()
+        self._remove_feeds()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -439,18 +492,69 @@ class SoftTargetCache(Callback):
     # -----------------------------------------------------------------------------------------
     # Serving (kd_lightning.cache.serve)
 
+    def _install_feeds(self) -> None:
+        """Serve the prepared splits from the DataModule's loaders (before they start)."""
+        data = self._data()
+        if not isinstance(data, FeedSetting):
+            rank_zero_warn(
+                f"SoftTargetCache(gather_in='loader'): the DataModule ({type(data).__name__}) has no "
+                "`set_feed(split, feed)` (kd_lightning.cache.FeedSetting): soft targets are gathered in the "
+                "training process at each batch's start instead, as with gather_in='main'."
+            )
+            return
+        for split, store in self._stores.items():
+            self._feeds[split] = StoreFeed(store, by_view=self._consistent(split))
+            data.set_feed(split, self._feeds[split])
+
+    def _check_fed(self, trainer: L.Trainer) -> None:
+        """Warn (once) when the training loader did not gather soft targets after the first epoch.
+
+        In the first epoch of a fit, loader workers started before fitting (Lightning counts the steps of a
+        learning-rate schedule by starting the training loader) have made their first batches before the
+        feeds were set: those are gathered here, in the training process. Later epochs start their loaders
+        afresh, so every batch must come with its soft targets.
+        """
+        if not self._unfed or trainer.current_epoch == self._first_epoch or self._warned_unfed:
+            return
+        self._warned_unfed = True
+        rank_zero_warn(
+            f"SoftTargetCache(gather_in='loader'): {self._unfed} training batch(es) of epoch {trainer.current_epoch} "
+            "came without the soft targets their loader should have gathered (a loader made without the "
+            "DataModule's `loader_kwargs(split)`?); the training process gathered them instead."
+        )
+
+    def _remove_feeds(self) -> None:
+        data = self._datamodule
+        if isinstance(data, FeedSetting):
+            for split in self._feeds:
+                data.set_feed(split, None)
+        self._feeds = {}
+
     def _attach(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, split: str) -> None:
         store = self._stores.get(split)
         if store is None:
             return
+        start = time.perf_counter()
         fallback = partial(self._teacher_logits, trainer, pl_module)
-        logits, hits = _named(
-            soft_targets, store, batch, pl_module.device, by_view=self._consistent(split), fallback=fallback
-        )
+        fed = batch.pop(FED, None) if isinstance(batch, dict) else None
+        if isinstance(fed, SoftTargets):  # gathered where the batch was made
+            logits = fed.logits
+            hits = fill_missing(logits, fed.missing, batch["input"], fallback, repr(str(store.path)))
+        else:
+            self._unfed += split == "train" and "train" in self._feeds
+            logits, hits = _named(
+                soft_targets,
+                store,
+                batch,
+                pl_module.device,
+                by_view=self._consistent(split),
+                fallback=fallback,
+            )
         batch["teacher_logits"] = logits
         if split == "train":
             self._hits += hits
             self._seen += len(logits)
+            self._serve_seconds += time.perf_counter() - start
 
     def _teacher_logits(self, trainer: L.Trainer, pl_module: L.LightningModule, inputs: Tensor) -> Tensor:
         """The live teacher's logits, for views the store lacks."""

@@ -11,6 +11,7 @@ A dataset is a :class:`ClassificationSource` (where the files are, how to read t
 from __future__ import annotations
 
 import hashlib
+import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -19,10 +20,18 @@ import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
-from kd_lightning.cache.protocols import CacheDataModule, EpochSetting, LoaderOptions, ReplayableDataset
+from kd_lightning.cache.protocols import (
+    SPLITS,
+    CacheDataModule,
+    EpochSetting,
+    Feed,
+    FeedSetting,
+    LoaderOptions,
+    ReplayableDataset,
+)
 from kd_lightning.contracts import NamedClasses
 from kd_lightning.datamodules.loading import (
     LoaderSettings,
@@ -271,12 +280,83 @@ def targets_hash(targets: Tensor) -> str:
     return hashlib.sha256(targets.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
-class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, EpochSetting, LoaderOptions):
+class FedCollate:
+    """``default_collate``, then the current feed (if any) on the collated batch, where the batch is made
+    (the DataLoader's worker processes, or the training process without workers).
+
+    A DataModule gives every loader of a split the same object and sets its feed with :meth:`set`. The
+    feed travels to worker processes through shared memory (pickled, at most :attr:`capacity` bytes),
+    and each copy checks at every batch whether it changed: Lightning starts the training loader's
+    persistent workers before fitting starts (to count a learning-rate schedule's steps), and a feed set
+    after that (the soft-target cache sets its feeds when fitting starts) must still reach them.
+
+    Example:
+        >>> collate = FedCollate()
+        >>> collate([{"index": 1}, {"index": 2}])
+        {'index': tensor([1, 2])}
+        >>> collate.set(_doubled_index)
+        >>> collate([{"index": 1}, {"index": 2}])["twice"]
+        tensor([2, 4])
+    """
+
+    #: Most bytes a pickled feed may take (a soft-target store's feed: its path and header, a few KB).
+    capacity = 1 << 16
+
+    def __init__(self) -> None:
+        # [version, length] as int64, then the pickled feed: one shared buffer, inherited or pickled as a handle.
+        self._shared = torch.zeros(16 + self.capacity, dtype=torch.uint8).share_memory_()
+        self._feed: Feed | None = None
+        self._version = 0
+
+    def set(self, feed: Feed | None) -> None:
+        """Apply ``feed`` from now on, in every copy of this object (``None``: plain collation).
+
+        Raises:
+            ValueError: the pickled feed exceeds :attr:`capacity` bytes.
+        """
+        data = b"" if feed is None else pickle.dumps(feed)
+        if len(data) > self.capacity:
+            raise ValueError(
+                f"a loader feed pickles to {len(data)} bytes, more than FedCollate.capacity={self.capacity}."
+            )
+        head = self._shared[:16].view(torch.int64)
+        if data:
+            self._shared[16 : 16 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        head[1] = len(data)
+        head[0] += 1
+        self._feed, self._version = feed, int(head[0])
+
+    @property
+    def feed(self) -> Feed | None:
+        """The feed applied now (unpickled again in this process when another one set a new one)."""
+        head = self._shared[:16].view(torch.int64)
+        version = int(head[0])
+        if version != self._version:
+            size = int(head[1])
+            self._feed = pickle.loads(self._shared[16 : 16 + size].numpy().tobytes()) if size else None
+            self._version = version
+        return self._feed
+
+    def __call__(self, items: list[Any]) -> Any:
+        batch = default_collate(items)
+        feed = self.feed
+        return batch if feed is None else feed(batch)
+
+
+def _doubled_index(batch: dict[str, Any]) -> dict[str, Any]:
+    """A feed for :class:`FedCollate`'s example."""
+    return {**batch, "twice": 2 * batch["index"]}
+
+
+class IndexedDataModule(
+    L.LightningDataModule, CacheDataModule, NamedClasses, EpochSetting, LoaderOptions, FeedSetting
+):
     """Train/validation/test loaders over one :class:`ClassificationSource`.
 
     It is what the soft-target cache needs from data (:mod:`kd_lightning.cache.protocols`): a
     ``CacheDataModule`` (``<split>_set``, :meth:`fingerprint`, ``num_classes``), with
-    :meth:`set_epoch` and loader settings; and it names its classes
+    :meth:`set_epoch`, loader settings and :meth:`set_feed` (the cache's soft targets gathered in the
+    loaders' workers); and it names its classes
     (:class:`~kd_lightning.contracts.NamedClasses`, read by the dashboard and the clustering).
 
     The validation split is the source's own when it has one (an image folder's ``val/``), else it is
@@ -385,6 +465,7 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         self.train_set: IndexedDataset | None = None
         self.val_set: IndexedDataset | None = None
         self.test_set: IndexedDataset | None = None
+        self._collate = {split: FedCollate() for split in SPLITS}  # one per split, shared by its loaders
 
     # What models are built from; linked into the model by the CLI.
     @property
@@ -473,21 +554,39 @@ class IndexedDataModule(L.LightningDataModule, CacheDataModule, NamedClasses, Ep
         """Whether batches are pinned, as resolved (:attr:`loader_settings`)."""
         return self.loader_settings.pin_memory
 
-    def _loader(self, dataset: IndexedDataset | None, shuffle: bool, batch_size: int) -> DataLoader:
+    def set_feed(self, split: str, feed: Feed | None) -> None:
+        """Apply ``feed`` to every collated batch of ``split``'s loaders, where the batch is made (their
+        worker processes), from their next iterator on (``None`` removes it). The soft-target cache serves
+        its stores this way.
+
+        Raises:
+            ValueError: ``split`` is not ``"train"``, ``"val"`` or ``"test"``.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+        self._collate[split].set(feed)
+
+    def loader_kwargs(self, split: str) -> dict[str, Any]:
+        """DataLoader arguments of ``split``'s loaders: :attr:`loader_settings`, and the collate function
+        that applies the split's feed (:meth:`set_feed`)."""
+        return {**self.loader_settings.as_kwargs(), "collate_fn": self._collate[split]}
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         if dataset is None:
             raise RuntimeError("call `setup()` before asking for a dataloader.")
         # Shuffled: RandomSampler's order, resumable mid-epoch from a checkpoint (datamodules/resumable.py).
         kind = ResumableLoader if shuffle else DataLoader
-        return kind(dataset, batch_size=batch_size, shuffle=shuffle, **self.loader_settings.as_kwargs())
+        return kind(dataset, batch_size=batch_size, shuffle=shuffle, **self.loader_kwargs(split))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader("test", False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

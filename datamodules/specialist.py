@@ -223,7 +223,7 @@ class SpecialistDataModule(IndexedDataModule):
             self.train_set,
             batch_size=self.batch_size,
             sampler=self._sampler,
-            **self.loader_settings.as_kwargs(),
+            **self.loader_kwargs("train"),
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

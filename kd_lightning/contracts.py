@@ -36,6 +36,9 @@ class Batch(TypedDict):
             ``augment_seed``).
         specialist_target: int64 ``(N,)`` position of ``target`` in a specialist's group, or the group
             size for the dustbin (only for a specialist's data).
+        soft_targets: the stored soft targets as a loader gathered them
+            (``kd_lightning.cache.SoftTargets``); the soft-target cache replaces them by ``teacher_logits``
+            before the step.
         teacher_logits: fp32 ``(N, C)`` the teacher's outputs for these samples (only when a soft-target
             store serves them).
     """
@@ -45,6 +48,7 @@ class Batch(TypedDict):
     index: Tensor
     view: NotRequired[Tensor]
     specialist_target: NotRequired[Tensor]
+    soft_targets: NotRequired[object]
     teacher_logits: NotRequired[Tensor]
 
 

@@ -2,6 +2,8 @@
 
     python scripts/benchmark_cache.py            # the full benchmark (15 epochs per student)
     python scripts/benchmark_cache.py --quick    # a smoke run on a sliver of the data (a few minutes)
+    python scripts/benchmark_cache.py --timing   # only 1.: the interleaved timing (about 5 minutes)
+    python scripts/benchmark_cache.py --timing --quick   # its smoke run (seconds)
 
 Uses the shipped configs: the teacher of configs/fashion_mnist/teacher.yaml (its checkpoint
 runs/fashion_mnist/teacher/seed0/checkpoints/final.ckpt, written by scripts/main_job.py, is reused; trained
@@ -10,8 +12,12 @@ cached distillation with distill_cached.yaml. Every student has the same seed, r
 
 Prints (does not assert):
 
-1. training epoch time of cached distillation and of online distillation, each over the epoch time of
-   the student trained alone (median over epochs, validation excluded; target for cached: <= 1.05);
+1. the step time of cached distillation against the student alone and against a hand-written PyTorch
+   loop on in-memory tensors, with soft targets gathered in the training process (``gather_in=main``)
+   and where the loader makes the batch (``gather_in=loader``), and the share of a step spent on soft
+   targets: variants interleaved in rotated rounds, ratios of per-epoch medians, validation excluded
+   (kd_lightning.workflows.cache_timing; target for cached: <= 1.02); then online distillation's
+   epoch time over the student alone's (median over epochs of the runs below);
 2. store build throughput over plain teacher inference throughput on the same images and batch size
    (best of ``--repeats``; target >= 0.9);
 3. bytes per sample of each format, and the distilled student's test accuracy with full logits and with
@@ -46,6 +52,7 @@ from kd_lightning.callbacks import SoftTargetCache
 from kd_lightning.cli import main as kd
 from kd_lightning.modules import load_teacher
 from kd_lightning.store import Encoding, SoftTargetStore, StoreWriter
+from kd_lightning.workflows.cache_timing import GATHER_PATHS, EpochClock, TimingSettings, cache_timing
 from kd_lightning.workflows.stage import run_stage, working_directory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,29 +87,12 @@ class Run:
         return statistics.median(times)
 
 
-class EpochTimer(L.Callback):
-    """Wall time of each training epoch, from its start to the end of its last batch (no validation)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = self._last = 0.0
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._start = self._last = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._last = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.seconds.append(self._last - self._start)
-
-
 def train(name: str, config: str, workdir: Path, overrides: list[str]) -> Run:
     """Fit and test ``config`` in ``workdir/name`` with ``overrides``; time its training epochs."""
     print(f"\n=== {name}: kd fit --config configs/fashion_mnist/{config} {' '.join(overrides)}", flush=True)
     with working_directory(workdir / name.replace(" ", "_").replace(",", "")):
         cli = kd(["--config", str(CONFIGS / config), *overrides], run=False)
-        timer = EpochTimer()
+        timer = EpochClock()
         cli.trainer.callbacks.append(timer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
@@ -249,6 +239,24 @@ def print_verification(costs: list[dict]) -> None:
         )
 
 
+def timing_report(args: argparse.Namespace, workdir: Path):
+    """Run and print 1., the interleaved timing (kd_lightning.workflows.cache_timing)."""
+    quick = {"rounds": 2, "epochs": 2, "batches": 5} if args.quick else {}
+    chosen = {"rounds": args.rounds, "epochs": args.epochs, "batches": args.batches}
+    settings = TimingSettings(
+        **{**quick, **{k: v for k, v in chosen.items() if v is not None}},
+        gather_in=GATHER_PATHS if args.soft_target_path == "both" else (args.soft_target_path,),
+        teacher_ckpt=args.teacher_ckpt,
+        threads=args.threads,
+        num_workers=args.num_workers,
+    )
+    print("\n=== 1. timing: student alone, cached, hand-written loop, interleaved", flush=True)
+    report = cache_timing(workdir / "timing", settings)
+    print(f"\n1. Step time, Fashion-MNIST, {'-'.join(map(str, settings.hidden))} MLP student\n")
+    print(report.markdown(), flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,6 +283,24 @@ def main() -> None:
         default=None,
         help="only measure verification at open, on a synthetic fp16 store of ROWS x CLASSES logits",
     )
+    timing = parser.add_argument_group("timing (1.; alone with --timing)")
+    timing.add_argument("--timing", action="store_true", help="only the interleaved timing of 1.")
+    timing.add_argument(
+        "--rounds", type=int, default=None, help="rounds of every variant (default 5; quick 2)"
+    )
+    timing.add_argument(
+        "--epochs", type=int, default=None, help="epochs per variant and round (default 3; quick 2)"
+    )
+    timing.add_argument("--batches", type=int, default=None, help="batches per epoch (default 150; quick 5)")
+    timing.add_argument(
+        "--soft-target-path",
+        choices=[*GATHER_PATHS, "both"],
+        default="both",
+        help="where the cached variant gathers soft targets (both: before/after, side by side)",
+    )
+    timing.add_argument(
+        "--num-workers", type=int, default=None, help="DataLoader workers (default: the policy, 0 on a CPU)"
+    )
     parser.add_argument("overrides", nargs="*", help="kd arguments for every student, after --")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the kd runs below get their arguments explicitly
@@ -286,6 +312,11 @@ def main() -> None:
         args.workdir or ROOT / "runs" / ("benchmark_cache_quick" if args.quick else "benchmark_cache")
     )
     workdir = workdir.resolve()
+    if args.timing:
+        report = timing_report(args, workdir)
+        (workdir / "cache_timing.json").write_text(json.dumps(report.as_json(), indent=2))
+        print(f"wall time: {time.perf_counter() - start:.0f} s; saved {workdir / 'cache_timing.json'}")
+        return
     if args.verify_synthetic:
         rows, classes = args.verify_synthetic
         path = synthetic_store(workdir / "verify_synthetic" / "train", rows, classes)
@@ -360,14 +391,16 @@ def main() -> None:
     speed = throughput(teacher_ckpt, workdir, common, args.repeats, args.batch_size)
 
     alone, online, fast = runs["alone"], runs["online"], runs["logits-float16"]
+    timing = timing_report(args, workdir)
     print("\nFashion-MNIST, 800-800 MLP student, same seed, recipe and budget; teacher", teacher_ckpt)
     print(
-        f"\n1. Training epoch time (median, validation excluded), torch threads: {torch.get_num_threads()}\n"
+        f"\n1b. Training epoch time of the runs below (median, validation excluded), torch threads: "
+        f"{torch.get_num_threads()}\n"
     )
     print("| run | epoch (s) | / student alone |")
     print("|---|---:|---:|")
-    for run, note in ((alone, ""), (fast, " (target <= 1.05)"), (online, "")):
-        print(f"| {run.name} | {run.epoch_time:.2f} | {run.epoch_time / alone.epoch_time:.3f}{note} |")
+    for run in (alone, fast, online):
+        print(f"| {run.name} | {run.epoch_time:.2f} | {run.epoch_time / alone.epoch_time:.3f} |")
 
     ratio = speed["build_per_s"] / speed["plain_per_s"]
     print(
@@ -414,6 +447,7 @@ def main() -> None:
                 "runs": {k: {**asdict(r), "epoch_time": r.epoch_time} for k, r in runs.items()},
                 "throughput": {**speed, "ratio": ratio},
                 "verification": verify,
+                "timing": timing.as_json(),
                 "torch_threads": torch.get_num_threads(),
                 "wall_seconds": round(wall, 1),
             },

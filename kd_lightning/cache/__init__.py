@@ -9,8 +9,9 @@ One module per role, over :mod:`kd_lightning.store` (the format):
   :func:`teacher_identity`) and whether a store on disk is the one needed (:func:`check_store`);
 - :mod:`~kd_lightning.cache.fill`: :func:`fill_store`, a teacher run over a dataset into a store, on
   one process or many, usable without a Trainer;
-- :mod:`~kd_lightning.cache.serve`: :func:`soft_targets`, a batch's stored targets (hybrid with a live
-  teacher for views the store lacks).
+- :mod:`~kd_lightning.cache.serve`: a batch's stored targets, where the batch is made
+  (:class:`StoreFeed`, in the DataLoader's workers) or in the training process (:func:`soft_targets`),
+  hybrid with a live teacher for views the store lacks.
 
 The Lightning callback ``kd_lightning.callbacks.SoftTargetCache`` drives these during a fit; the
 workflow ``kd_lightning.workflows.fill_store`` fills the stores of a DataModule from a teacher
@@ -52,6 +53,8 @@ from kd_lightning.cache.protocols import (
     ClassCount,
     Collective,
     EpochSetting,
+    Feed,
+    FeedSetting,
     FullPrecision,
     InferencePrecision,
     LiveTeacherNeed,
@@ -63,9 +66,10 @@ from kd_lightning.cache.protocols import (
     check_datamodule,
     split_dataset,
 )
-from kd_lightning.cache.serve import soft_targets
+from kd_lightning.cache.serve import FED, SoftTargets, StoreFeed, fill_missing, gather, soft_targets
 
 __all__ = [
+    "FED",
     "SAMPLED_INPUTS",
     "SPLITS",
     "BuildStats",
@@ -74,13 +78,17 @@ __all__ = [
     "ClassCount",
     "Collective",
     "EpochSetting",
+    "Feed",
+    "FeedSetting",
     "FullPrecision",
     "InferencePrecision",
     "LoaderOptions",
     "NamedPrecision",
     "ReplayableDataset",
     "SingleProcess",
+    "SoftTargets",
     "StoreCheck",
+    "StoreFeed",
     "StoreIdentity",
     "LiveTeacherNeed",
     "TeacherCarrier",
@@ -89,7 +97,9 @@ __all__ = [
     "check_datamodule",
     "check_replayable",
     "check_store",
+    "fill_missing",
     "fill_store",
+    "gather",
     "soft_targets",
     "split_dataset",
     "teacher_identity",

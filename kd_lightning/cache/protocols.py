@@ -3,7 +3,8 @@
 The cache reads a split's samples by their index (:class:`CacheableDataset`), replays augmentation
 views (:class:`ReplayableDataset`), finds each split's dataset and identity on a DataModule
 (:class:`CacheDataModule`), and, where a DataModule offers them, sets its epoch
-(:class:`EpochSetting`) and its loader settings (:class:`LoaderOptions`); from the model it needs the
+(:class:`EpochSetting`), its loader settings (:class:`LoaderOptions`) and a feed applied where its
+batches are made (:class:`FeedSetting`); from the model it needs the
 teacher (:class:`TeacherCarrier`) and the number of classes (:class:`ClassCount`). A build runs on one or many
 processes (:class:`Collective`) in a numeric precision (:class:`InferencePrecision`); one process in
 full precision (:class:`SingleProcess`, :class:`FullPrecision`) needs no Trainer.
@@ -15,7 +16,7 @@ exist, not their types), and errors name what is missing and what was given.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -96,6 +97,23 @@ class LoaderOptions(Protocol):
 
     num_workers: int
     pin_memory: bool
+
+
+#: What a DataLoader applies to each collated batch of a split (:class:`FeedSetting`).
+Feed = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@runtime_checkable
+class FeedSetting(Protocol):
+    """Data whose loaders apply a feed to every collated batch of a split, where the batch is made.
+
+    The soft-target cache installs one (:class:`~kd_lightning.cache.serve.StoreFeed`) so that soft
+    targets are gathered in the DataLoader's workers and travel with the batch.
+    """
+
+    def set_feed(self, split: str, feed: Feed | None) -> None:
+        """Apply ``feed`` to the batches of ``split``'s loaders made from now on (``None``: no feed)."""
+        ...
 
 
 @runtime_checkable

@@ -49,6 +49,7 @@ from kd_lightning.datamodules import CIFAR100, ClassificationSource, IndexedData
 from kd_lightning.datamodules.loading import cpus_given
 from kd_lightning.modules import ClassifierModule, DistillationModule
 from kd_lightning.resnets import CifarResNet, WideResNet, resnet8x4, resnet32x4, wrn_16_2, wrn_40_2
+from kd_lightning.workflows.timing import synchronize, training_only_trainer
 
 NetFactory = Callable[[tuple[int, ...], int], nn.Module]
 SHAPE = (3, 32, 32)
@@ -261,7 +262,7 @@ class StepClock(L.Callback):
     ) -> None:
         now = time.perf_counter()
         if batch_idx == self.warmup:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
         elif batch_idx > self.warmup and self._end is not None:
             self.gaps.append(now - self._end)
@@ -274,7 +275,7 @@ class StepClock(L.Callback):
             return
         self.images += int(batch["target"].shape[0])
         if batch_idx == self.last:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
             if pl_module.device.type == "cuda":
                 self.peak_bytes = torch.cuda.max_memory_allocated(pl_module.device)
         self._end = time.perf_counter()
@@ -292,11 +293,6 @@ class StepClock(L.Callback):
     def data_wait(self) -> float:
         """The host's gaps between timed steps, as a share of the timed window."""
         return sum(self.gaps) / self.seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cifar_data(settings: BenchmarkSettings) -> tuple[IndexedDataModule, str]:
@@ -384,18 +380,11 @@ def _fit(
 ) -> tuple[StepClock, L.Trainer]:
     last = settings.warmup + settings.steps - 1
     clock = StepClock(settings.warmup, last)
-    trainer = L.Trainer(
+    trainer = training_only_trainer(
         accelerator=settings.accelerator,
-        devices=1,
         precision=precision,
         max_epochs=1,
         limit_train_batches=last + 1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[*callbacks, clock],
         default_root_dir=workdir,
     )
@@ -422,7 +411,7 @@ def _plain_inference(
     with torch.inference_mode():
         for x, _ in loader:
             teacher(x.to(device, non_blocking=True))
-    _synchronize(device)
+    synchronize(device)
     return len(images) / (time.perf_counter() - start)
 
 
