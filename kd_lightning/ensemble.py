@@ -249,7 +249,7 @@ class EnsembleModule(FrozenNetworks, ClassifierBase):
         checkpoints: list[str],
         rule: Rule = "mean_probs",
     ) -> None:
-        super().__init__(num_classes, input_shape, optimizer=None, lr_schedule=None, agreement=False)
+        super().__init__(num_classes, input_shape, optimizer=None, lr_schedule=None)
         self.save_hyperparameters()
         self.freeze("net", Ensemble(checkpoints=checkpoints, rule=rule, input_shape=self.input_shape))
         if self.net.num_classes != num_classes:

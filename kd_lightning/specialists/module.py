@@ -114,7 +114,7 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Schedule | None = None,
     ) -> None:
-        super().__init__(num_classes, input_shape, optimizer, lr_schedule, agreement=False)
+        super().__init__(num_classes, input_shape, optimizer, lr_schedule)
         self.save_hyperparameters()
         check_weight(soft_weight, "soft_weight")
         check_temperature(temperature)
@@ -131,7 +131,7 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
         self.temperature = temperature
         self.register_buffer("classes", torch.tensor(self.group_classes, dtype=torch.long))
         self.register_buffer("dustbin_shift", torch.zeros(()))
-        self.metrics = stage_metrics(len(self.group_classes) + 1, agreement=False)
+        self.metrics = stage_metrics(len(self.group_classes) + 1)
         self.net = net(self.input_shape, len(self.group_classes) + 1)
         head_name, head = head_layer(self.net)
         if head_outputs(head) != len(self.group_classes) + 1:
