@@ -169,9 +169,17 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
     def configure_optimizers(self) -> None:
         return None
 
-    def combine(self, x: Tensor) -> dict[str, Any]:
-        """Everything for a batch: ``generalist``, ``kl`` and ``average`` probabilities ``(N, C)``,
-        ``active`` ``(N, M)`` and the solver's ``iterations``."""
+    def run_networks(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """The networks' part of inference, one after another: the generalist, then each specialist on the
+        inputs it is active for (the paper's inference saving); nothing is combined.
+
+        Specialists may differ in architecture and size: each runs its own network and is read only
+        through its probabilities over its group plus the dustbin.
+
+        Returns:
+            ``(generalist_probs (N, C), specialist_probs [(N, G_m + 1)], groups [class ids], active (N, M))``;
+            a specialist's rows where it is inactive are zeros.
+        """
         pg = self.generalist(x).float().softmax(-1)
         active = active_specialists(pg, self.membership, self.top_n)
         outputs, groups = [], []
@@ -182,6 +190,12 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
                 probs[rows] = specialist(x[rows]).float().softmax(-1)
             outputs.append(probs)
             groups.append(specialist.classes)
+        return pg, outputs, groups, active
+
+    def combine(self, x: Tensor) -> dict[str, Any]:
+        """Everything for a batch: ``generalist``, ``kl`` and ``average`` probabilities ``(N, C)``,
+        ``active`` ``(N, M)`` and the solver's ``iterations``."""
+        pg, outputs, groups, active = self.run_networks(x)
         kl = kl_combination(pg, outputs, groups, active, self.max_iter, self.tol)
         average = average_specialists(pg, outputs, groups, active, self.average_top)
         return {
@@ -193,8 +207,10 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
         }
 
     def forward(self, x: Tensor) -> Tensor:
-        """Log-probabilities of the KL combination."""
-        return _log(self.combine(x)["kl"])
+        """Log-probabilities of the KL combination (the model's prediction; the averaging alternative is
+        not computed, so that timing ``forward`` times the prediction alone)."""
+        pg, outputs, groups, active = self.run_networks(x)
+        return _log(kl_combination(pg, outputs, groups, active, self.max_iter, self.tol).probs)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         out = self.combine(batch["input"])
@@ -266,8 +282,15 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
     def inference_cost(self, active: Tensor) -> dict[str, Any]:
         """Forward FLOPs per input relative to the generalist alone: ``1 + sum_m F_m P(m active) / F_g``.
 
+        ``F_m`` is specialist ``m``'s own network's FLOPs (specialists may differ in size); only the
+        specialists that ran count, as at inference.
+
         Args:
             active: ``(N, M)`` bool, which specialist ran on which input.
+
+        Returns:
+            ``specialists_per_input``, ``activation_rate`` (per specialist), ``flops_generalist`` (``F_g``),
+            ``flops_specialists`` (each ``F_m``) and ``cost``.
         """
         if self._flops is None:
             self._flops = (
@@ -280,5 +303,6 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
             "specialists_per_input": float(rate.sum()),
             "activation_rate": rate.tolist(),
             "flops_generalist": generalist,
+            "flops_specialists": [int(f) for f in specialists.tolist()],
             "cost": 1.0 + float((rate * specialists).sum()) / max(generalist, 1),
         }
