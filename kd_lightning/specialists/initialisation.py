@@ -85,7 +85,7 @@ def init_from_generalist(specialist: nn.Module, generalist: nn.Module, classes: 
         >>> init_from_generalist(smaller, generalist, [0, 1])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ValueError: ... different shapes ['0.bias (specialist (2,), generalist (8,))', '0.weight (specialist (2, 4), generalist (8, 4))'].
-    
+
     """
     classes = list(classes)
     s_name, s_head = head_layer(specialist)

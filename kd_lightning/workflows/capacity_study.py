@@ -176,6 +176,7 @@ def specialists_run(
     overrides: Sequence[str] = (),
     name: str = "chosen",
     specialist_args: Sequence[str] = (),
+    generalist_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train the specialists of one setting for one seed (finished ones reused) and score the combination.
 
@@ -188,12 +189,14 @@ def specialists_run(
         name: the setting's directory under ``seed<seed>/specialists/``.
         specialist_args: ``kd`` arguments of the specialists only, e.g. their own network
             (``--model.init_args.net.init_args.hidden=[8]``) and ``--model.init_args.init_from=scratch``.
+        generalist_args: ``kd`` arguments of the generalist only (e.g. its clustering's number of groups).
 
     Returns:
-        The report of :func:`~kd_lightning.workflows.specialists.evaluate_specialists` plus ``setting``.
+        The report of :func:`~kd_lightning.workflows.specialists.evaluate_specialists` plus ``setting``,
+        ``generalist`` (its checkpoint), ``groups_file`` and ``specialist_checkpoints`` (by group).
     """
     where = _seed_dir(Path(workdir), seed)
-    generalist = train_generalist(seed, workdir, overrides)
+    generalist = train_generalist(seed, workdir, [*overrides, *generalist_args])
     out = where / "specialists" / name
     out.mkdir(parents=True, exist_ok=True)
     groups = overlap_groups(
@@ -211,10 +214,15 @@ def specialists_run(
     ]
     from kd_lightning.clustering import ClassGroups
 
-    for g in range(len(ClassGroups.load(groups).groups)):
+    trained = [
         train_specialist(SPECIALIST_CONFIG, g, out, where, args)
+        for g in range(len(ClassGroups.load(groups).groups))
+    ]
     report = evaluate_specialists(SPECIALIST_CONFIG, out, where, args, split=split)  # type: ignore[arg-type]
     report["setting"] = dict(setting)
+    report["generalist"] = generalist.checkpoint
+    report["groups_file"] = str(groups.resolve())
+    report["specialist_checkpoints"] = [r.checkpoint for r in trained]
     return report
 
 
@@ -281,6 +289,25 @@ def choose_settings(
     return record
 
 
+def split_tensors(split: str = "test", overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """The inputs and labels of one split of the generalist config's data, and its source.
+
+    Args:
+        split: ``"test"`` or ``"train"`` (the whole training file, validation carve-out included).
+        overrides: ``kd`` arguments of the runs (those of the data change it).
+
+    Returns:
+        ``(inputs (N, dim), labels (N,), the Synthetic source)``.
+    """
+    from kd_lightning.datamodules import Synthetic
+    from kd_lightning.workflows.specialists import specialist_config
+
+    source = specialist_config(GENERALIST_CONFIG, overrides).data.init_args.source
+    data = Synthetic(**source.init_args.as_dict())
+    x, y = data.load(split == "train")[0].tensors
+    return x, y, data
+
+
 def bayes_accuracy(split: str = "test", overrides: Sequence[str] = ()) -> float:
     """Accuracy of the nearest-true-mean rule on the config's data: the Bayes rule for its classes (equal
     priors, equal isotropic noise), hence the most any network can reach there.
@@ -291,13 +318,7 @@ def bayes_accuracy(split: str = "test", overrides: Sequence[str] = ()) -> float:
     """
     import torch
 
-    from kd_lightning.workflows.specialists import specialist_config
-
-    source = specialist_config(GENERALIST_CONFIG, overrides).data.init_args.source
-    from kd_lightning.datamodules import Synthetic
-
-    data = Synthetic(**source.init_args.as_dict())
-    x, y = data.load(split == "train")[0].tensors
+    x, y, data = split_tensors(split, overrides)
     means = torch.as_tensor(data.class_means(), dtype=torch.float32)
     return float((torch.cdist(x, means).argmin(1) == y).float().mean())
 
