@@ -64,7 +64,7 @@ from kd_lightning.workflows.capacity_study import (
 from kd_lightning.workflows.specialists import specialist_config
 from kd_lightning.workflows.stage import StageResult
 
-WIDER: tuple[tuple[int, ...], ...] = ((18,), (20,), (24,))
+WIDER: tuple[tuple[int, ...], ...] = ((18,), (24,))
 """Hidden layers of the single wider generalists (one layer): their FLOPs bracket the specialist systems'."""
 DEEPER: tuple[tuple[int, ...], ...] = ((16, 16), (16, 16, 16, 16, 16))
 """Hidden layers of the single deeper generalists (16-unit layers): their FLOPs bracket the systems'."""
@@ -222,6 +222,7 @@ def specialist_cost(
     figure: str | Path | None = None,
     latency_repeats: int = LATENCY_REPEATS,
     quick: bool = False,
+    train_only: bool = False,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Generalist + specialists (same-size and smaller) against single wider and deeper generalists: test
@@ -238,6 +239,8 @@ def specialist_cost(
         latency_repeats: timed passes per model (median kept).
         quick: a plumbing check of a few seconds per stage: tiny data (:data:`QUICK_OVERRIDES`), 4 groups,
             1-epoch specialists, one wider and one deeper model, no reference, 3 timed passes.
+        train_only: train (or reuse) every stage and return ``{"seeds", "setting", "quick", "trained"}``
+            without measuring: for training seeds in parallel processes, before one quiet call measures.
         overrides: ``kd`` arguments of every run.
 
     Returns:
@@ -272,49 +275,41 @@ def specialist_cost(
         _batch_size(GENERALIST_CONFIG.with_name("specialist.yaml"), overrides),
     )
     single_args = [*overrides, *generalist_args]
+    singles = [("wider", tuple(h)) for h in wider] + [("deeper", tuple(h)) for h in deeper]
+    if reference:
+        singles.append(("reference", (WIDE_HIDDEN,)))
     runs = []
     for seed in seeds:
-        rows = []
+        # Training first (every stage reused when finished), then the measurements, one model at a time.
         generalist = train_generalist(seed, workdir, single_args)
-        rows.append(
+        same = specialists_run(seed, workdir, setting, "test", overrides, generalist_args=generalist_args)
+        systems = [("+ same-size specialists (16, from the generalist)", same)]
+        for h in small_hidden:
+            extra = [f"{SPECIALIST_HIDDEN}=[{int(h)}]", "--model.init_args.init_from=scratch"]
+            report = specialists_run(
+                seed, workdir, setting, "test", overrides, small_name(h), extra, generalist_args
+            )
+            systems.append((f"+ smaller specialists ({int(h)}, from scratch)", report))
+        stages = []
+        for kind, hidden in singles:
+            subdir = "wide" if kind == "reference" else _single_subdir(hidden)
+            stage = train_generalist(seed, workdir, single_args, hidden, subdir)
+            stages.append((f"{kind} generalist {hidden_text(hidden)}", kind, stage))
+        if train_only:
+            continue
+        rows = [
             single_row(
                 "generalist alone (16)", "generalist", generalist, inputs, latency_repeats, batch_sizes[0]
             )
-        )
-        same = specialists_run(seed, workdir, setting, "test", overrides, generalist_args=generalist_args)
-        rows.append(
-            system_row(
-                "+ same-size specialists (16, from the generalist)",
-                same,
-                inputs,
-                latency_repeats,
-                batch_sizes,
-            )
-        )
-        for h in small_hidden:
-            extra = [f"{SPECIALIST_HIDDEN}=[{int(h)}]", "--model.init_args.init_from=scratch"]
-            small = specialists_run(
-                seed, workdir, setting, "test", overrides, small_name(h), extra, generalist_args
-            )
-            rows.append(
-                system_row(
-                    f"+ smaller specialists ({int(h)}, from scratch)",
-                    small,
-                    inputs,
-                    latency_repeats,
-                    batch_sizes,
-                )
-            )
-        singles = [("wider", h, _single_subdir(h)) for h in wider] + [
-            ("deeper", h, _single_subdir(h)) for h in deeper
         ]
-        if reference:
-            singles.append(("reference", (WIDE_HIDDEN,), "wide"))
-        for kind, hidden, subdir in singles:
-            stage = train_generalist(seed, workdir, single_args, tuple(hidden), subdir)
-            label = f"{kind} generalist {hidden_text(hidden)}"
-            rows.append(single_row(label, kind, stage, inputs, latency_repeats, batch_sizes[0]))
+        rows += [system_row(name, report, inputs, latency_repeats, batch_sizes) for name, report in systems]
+        rows += [
+            single_row(name, kind, stage, inputs, latency_repeats, batch_sizes[0])
+            for name, kind, stage in stages
+        ]
         runs.append({"seed": seed, "rows": rows})
+    if train_only:
+        return {"seeds": list(seeds), "setting": setting, "quick": quick, "trained": True}
     study: dict[str, Any] = {"seeds": list(seeds), "setting": setting, "quick": quick, "runs": runs}
     study["summary"] = summarise(runs)
     study["verdict"] = verdict(study["summary"])
@@ -397,12 +392,22 @@ def at_equal_cost(cost: float, acc: float, series: Sequence[Mapping[str, Any]], 
     lo, hi = points[0], points[-1]
     if cost > hi[key]:
         best = max(points, key=lambda r: r["acc"])
-        return {"where": "above", "single_acc": best["acc"], "margin": acc - best["acc"],
-                "won": acc > best["acc"], "between": [best["name"]]}  # fmt: skip
+        return {
+            "where": "above",
+            "single_acc": best["acc"],
+            "margin": acc - best["acc"],
+            "won": acc > best["acc"],
+            "between": [best["name"]],
+        }
     if cost < lo[key]:
         won = True if acc >= lo["acc"] else None
-        return {"where": "below", "single_acc": lo["acc"], "margin": acc - lo["acc"], "won": won,
-                "between": [lo["name"]]}  # fmt: skip
+        return {
+            "where": "below",
+            "single_acc": lo["acc"],
+            "margin": acc - lo["acc"],
+            "won": won,
+            "between": [lo["name"]],
+        }
     right = next(i for i, r in enumerate(points) if r[key] >= cost)
     a, b = points[max(right - 1, 0)], points[right]
     if b[key] == a[key]:
@@ -410,8 +415,13 @@ def at_equal_cost(cost: float, acc: float, series: Sequence[Mapping[str, Any]], 
     else:
         t = (math.log(cost) - math.log(a[key])) / (math.log(b[key]) - math.log(a[key]))
         single = a["acc"] + t * (b["acc"] - a["acc"])
-    return {"where": "interpolated", "single_acc": single, "margin": acc - single, "won": acc > single,
-            "between": [a["name"], b["name"]]}  # fmt: skip
+    return {
+        "where": "interpolated",
+        "single_acc": single,
+        "margin": acc - single,
+        "won": acc > single,
+        "between": [a["name"], b["name"]],
+    }
 
 
 def verdict(summary: Sequence[Mapping[str, Any]]) -> str:
