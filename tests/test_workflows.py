@@ -60,7 +60,8 @@ def test_kd_help_lists_lightning_subcommands_and_workflows(capsys, argv):
     for sub in ("fit", "validate", "test", "predict", *WORKFLOWS):
         assert sub in out
     listing = out[out.index("workflows (kd <workflow> --help") :]
-    assert "  members      Train ensemble members of one config" in listing
+    width = max(len(name) for name in WORKFLOWS)  # the names' column
+    assert f"  {'members':<{width}}  Train ensemble members of one config" in listing
 
 
 def test_kd_stage_help_lists_the_documented_arguments(capsys):

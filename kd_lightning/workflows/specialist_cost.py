@@ -225,8 +225,11 @@ def specialist_cost(
     train_only: bool = False,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Generalist + specialists (same-size and smaller) against single wider and deeper generalists: test
-    accuracy, FLOPs per example and latency per batch, per seed; writes the figure and ``study.json``.
+    """Generalist + specialists against single wider and deeper generalists at equal FLOPs and latency.
+
+    Per seed: the generalist alone, with same-size specialists and with smaller ones, and the single
+    wider and deeper generalists, each with its test accuracy, FLOPs per example and latency per batch;
+    then the mean over seeds, the verdict, the figure and ``<workdir>/specialist_cost.json``.
 
     Args:
         seeds: one generalist, its specialists and the single models per seed.
