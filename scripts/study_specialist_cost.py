@@ -35,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 1 2 (--quick: 1)")
     parser.add_argument("--jobs", type=int, default=2, help="processes that train the seeds (default 2)")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) and stop: a job's part")
     parser.add_argument(
@@ -51,11 +51,11 @@ def main() -> None:
     if args.quick:
         workdir = args.workdir / "runs" / "specialist_cost_quick"
         figure = args.figure or workdir / "specialist_cost.png"
-        seeds = args.seeds[:1]
+        seeds = args.seeds or [1]
     else:
         workdir = args.workdir / "runs" / "benchmark_specialists" / "synthetic_capacity"
         figure = args.figure or ROOT / "docs" / "images" / "specialist_cost.png"
-        seeds = args.seeds
+        seeds = args.seeds or [1, 2]
     start = time.perf_counter()
     if args.train_only:
         specialist_cost(seeds, workdir, quick=args.quick, train_only=True, overrides=args.overrides)

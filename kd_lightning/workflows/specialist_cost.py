@@ -343,7 +343,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         >>> runs = [{"rows": [{"name": "g", "kind": "generalist", "acc": a, "flops": 10}]} for a in (0.5, 0.7)]
         >>> row = summarise(runs)[0]
         >>> row["acc"], round(row["acc_std"], 4), row["flops"], row["seeds"]
-        (0.6, 0.1414, 10, 2)
+        (0.6, 0.1414, 10.0, 2)
     """
     names = [r["name"] for r in runs[0]["rows"]]
     summary = []
