@@ -49,12 +49,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from kd_lightning.costs import forward_flops, measure_latency
+from kd_lightning.modules import load_teacher
+from kd_lightning.specialists import SpecialistEnsemble
 from kd_lightning.summary import mean_std
 from kd_lightning.workflows.capacity_study import (
     DEFAULT_SETTING,
     GENERALIST_CONFIG,
+    SPECIALIST_CONFIG,
     WIDE_HIDDEN,
     hidden_text,
     specialists_run,
@@ -111,8 +116,6 @@ def small_name(hidden: int) -> str:
 
 def examples_seen(checkpoint: str | Path, batch_size: int) -> int:
     """Training examples a run saw: its optimizer steps (the checkpoint's ``global_step``) x ``batch_size``."""
-    import torch
-
     state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
     return int(state["global_step"]) * int(batch_size)
 
@@ -122,7 +125,7 @@ def _batch_size(config: Path, overrides: Sequence[str]) -> int:
 
 
 def single_row(
-    name: str, kind: str, stage: StageResult, inputs: Any, repeats: int, batch_size: int
+    name: str, kind: str, stage: StageResult, inputs: Tensor, repeats: int, batch_size: int
 ) -> dict[str, Any]:
     """Accuracy and costs of one single network (a generalist-type stage).
 
@@ -134,9 +137,6 @@ def single_row(
         repeats: timed passes.
         batch_size: the training batch size (for the examples seen).
     """
-    from kd_lightning.costs import forward_flops, measure_latency
-    from kd_lightning.modules import load_teacher
-
     net = load_teacher(stage.checkpoint).net
     shape = tuple(inputs.shape[1:])
     flops = forward_flops(net, shape)
@@ -162,7 +162,7 @@ class NetworksOnly(nn.Module):
         ensemble: a :class:`~kd_lightning.specialists.SpecialistEnsemble`.
     """
 
-    def __init__(self, ensemble: nn.Module) -> None:
+    def __init__(self, ensemble: SpecialistEnsemble) -> None:
         super().__init__()
         self.ensemble = ensemble
 
@@ -171,7 +171,7 @@ class NetworksOnly(nn.Module):
 
 
 def system_row(
-    name: str, report: Mapping[str, Any], inputs: Any, repeats: int, batch_sizes: tuple[int, int]
+    name: str, report: Mapping[str, Any], inputs: Tensor, repeats: int, batch_sizes: tuple[int, int]
 ) -> dict[str, Any]:
     """Accuracy and costs of a generalist + specialists system, from its test report and checkpoints.
 
@@ -182,9 +182,6 @@ def system_row(
         repeats: timed passes.
         batch_sizes: the training batch sizes of the generalist and of the specialists.
     """
-    from kd_lightning.costs import measure_latency
-    from kd_lightning.specialists import SpecialistEnsemble
-
     ensemble = SpecialistEnsemble(
         report["generalist"], list(report["specialist_checkpoints"]), report["groups_file"]
     )
@@ -275,7 +272,7 @@ def specialist_cost(
     inputs = split_tensors("test", overrides)[0][:LATENCY_BATCH]
     batch_sizes = (
         _batch_size(GENERALIST_CONFIG, overrides),
-        _batch_size(GENERALIST_CONFIG.with_name("specialist.yaml"), overrides),
+        _batch_size(SPECIALIST_CONFIG, overrides),
     )
     single_args = [*overrides, *generalist_args]
     singles = [("wider", tuple(h)) for h in wider] + [("deeper", tuple(h)) for h in deeper]
