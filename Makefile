@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-cache-timing benchmark-specialists study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu benchmark-features reproduce lint format clean
+.PHONY: help setup data test test-fast demo benchmark benchmark-cache benchmark-cache-timing benchmark-specialists study-specialist-cost study-ensembles distill-ensemble distill-specialists benchmark-parallel benchmark-precision benchmark-gpu benchmark-features reproduce lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ benchmark-cache-timing: setup ## cached vs student alone vs a hand-written loop,
 
 benchmark-specialists: setup ## generalist + specialists on synthetic data and Fashion-MNIST
 	$(BIN)/python scripts/benchmark_specialists.py
+
+study-specialist-cost: setup ## generalist + specialists vs single wider/deeper generalists: accuracy against FLOPs and latency, verdict; docs/images/specialist_cost.png
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/study_specialist_cost.py
 
 study-ensembles: setup ## single CNNs vs ensembles of smaller CNNs: accuracy against FLOPs and latency, plot
 	$(BIN)/python scripts/study_ensembles.py

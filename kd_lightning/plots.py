@@ -514,7 +514,9 @@ def plot_accuracy_vs_cost(
         ax.set_xscale("log")
         plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
         ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(plain)
+        # Minor ticks are labelled within one decade only: over several they would overlap.
+        one_decade = max(cost) < 10 * min(cost)
+        ax.xaxis.set_minor_formatter(plain if one_decade else ticker.NullFormatter())
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(cost_label + " (log scale)")
         ax.set_ylabel("test accuracy (%)")

@@ -267,7 +267,12 @@ def test_specialist_reproduces_the_generalist_group_logits(tmp_path, tiny_dm, fa
     trainer.save_checkpoint(tmp_path / "generalist.ckpt")
     group = [4, 1, 3]
     specialist = SpecialistModule(
-        factory, 6, (1, 8, 8), classes=group, generalist_ckpt=str(tmp_path / "generalist.ckpt")
+        factory,
+        6,
+        (1, 8, 8),
+        classes=group,
+        generalist_ckpt=str(tmp_path / "generalist.ckpt"),
+        init_from="generalist",
     )
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
@@ -290,6 +295,42 @@ def test_head_rule():
         SpecialistModule(
             lambda shape, n: nn.Sequential(nn.Linear(8, n), nn.Linear(n, 2)), 6, (8,), classes=[0, 1, 2]
         )
+
+
+def test_specialist_of_its_own_architecture_starts_from_scratch_or_names_the_mismatch(tmp_path):
+    """A specialist's network may differ from the generalist's: from scratch always, from the generalist
+    only where every parameter but the head's has the generalist's shape (else an error naming them)."""
+    L.seed_everything(0)
+    generalist = ClassifierModule(NET, 6, (8,))
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(generalist, IndexedDataModule(tiny_source(), batch_size=32, val_size=40))
+    ckpt = str(tmp_path / "generalist.ckpt")
+    trainer.save_checkpoint(ckpt)
+    smaller, deeper = partial(MLP, hidden=(4,)), partial(MLP, hidden=(16, 16))
+    # From scratch: any architecture, the head sized by the group plus the dustbin.
+    small = SpecialistModule(smaller, 6, (8,), classes=[0, 3], generalist_ckpt=ckpt, init_from="scratch")
+    assert small.net.net[1].weight.shape == (4, 8) and small.num_outputs == 3
+    assert small(torch.randn(2, 8)).shape == (2, 3)
+    # Same architecture from scratch: the generalist's weights are not copied.
+    same = SpecialistModule(NET, 6, (8,), classes=[0, 3], generalist_ckpt=ckpt, init_from="scratch")
+    assert not torch.equal(same.net.net[1].weight, generalist.net.net[1].weight)
+    # From the generalist (explicitly, or by default when a generalist is given): shapes must match.
+    with pytest.raises(
+        ValueError,
+        match=r"`init_from`='generalist': .* different shapes \['net\.1\.bias \(specialist \(4,\), generalist "
+        r"\(16,\)\)', 'net\.1\.weight \(specialist \(4, 8\), generalist \(16, 8\)\)'\]\. Give `init_from: scratch`",
+    ):
+        SpecialistModule(smaller, 6, (8,), classes=[0, 3], generalist_ckpt=ckpt)
+    with pytest.raises(
+        ValueError, match=r"parameters the generalist lacks \['net\.3\.bias', 'net\.3\.weight'\]"
+    ):
+        SpecialistModule(deeper, 6, (8,), classes=[0, 3], generalist_ckpt=ckpt, init_from="generalist")
+    with pytest.raises(
+        ValueError, match="`init_from`='generalist' needs the generalist: pass `generalist_ckpt`"
+    ):
+        SpecialistModule(NET, 6, (8,), classes=[0], init_from="generalist")
+    with pytest.raises(ValueError, match="`init_from` must be one of generalist, scratch"):
+        SpecialistModule(NET, 6, (8,), classes=[0], init_from="teacher")
 
 
 # ------------------------------------------------------------------------ training and the ensemble
@@ -452,6 +493,65 @@ def test_ensemble_reports_and_rejects_mismatched_specialists(trained, tmp_path):
         SpecialistEnsemble(str(d["dir"] / "generalist.ckpt"), [str(d["checkpoints"][0])], str(ten))
 
 
+def test_ensemble_of_heterogeneous_specialists(trained, tmp_path):
+    """Specialists of different architectures (the generalist's, started from it; a smaller and a deeper
+    MLP, from scratch) combine: each runs its own network, the cost counts each one's FLOPs, and each
+    reloads from its checkpoint alone."""
+    d = trained
+    nets = {1: partial(MLP, hidden=(4,)), 0: partial(MLP, hidden=(8, 8))}
+    checkpoints = []
+    for g, net in nets.items():
+        L.seed_everything(g)
+        data = SpecialistDataModule(
+            d["source"], batch_size=32, eval_batch_size=64, val_size=40, groups_file=str(d["groups"]), group=g
+        )
+        specialist = SpecialistModule(
+            net,
+            6,
+            (8,),
+            classes=data.group_classes,
+            group=g,
+            groups_file=str(d["groups"]),
+            generalist_ckpt=str(d["dir"] / "generalist.ckpt"),
+            init_from="scratch",
+        )
+        trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+        trainer.fit(specialist, data)
+        trainer.save_checkpoint(tmp_path / f"other{g}.ckpt")
+        checkpoints.append(str(tmp_path / f"other{g}.ckpt"))
+    for members in ([str(d["checkpoints"][0]), checkpoints[0]], checkpoints):
+        ensemble = SpecialistEnsemble(str(d["dir"] / "generalist.ckpt"), members, str(d["groups"]))
+        widths = [s.net.net[1].out_features for s in ensemble.specialists]
+        x = torch.randn(40, 8)
+        with torch.no_grad():
+            pg, outputs, groups, active = ensemble.run_networks(x)
+            combined = ensemble.combine(x)
+            log_q = ensemble(x)
+        assert [o.shape[1] for o in outputs] == [3, 3] and active.shape == (40, 2)
+        # forward is the KL combination alone, the same prediction as `combine`'s.
+        torch.testing.assert_close(log_q.exp(), combined["kl"], rtol=0, atol=4 * EPS32)
+        torch.testing.assert_close(combined["generalist"], pg)
+        # Where a specialist is inactive its rows are zeros (it did not run).
+        for k, out in enumerate(outputs):
+            assert torch.all(out[~active[:, k]] == 0)
+        metrics = quiet_trainer(tmp_path).test(ensemble, d["data"], verbose=False)[0]
+        report = ensemble.report
+        flops = [forward_flops(s.net, (8,)) for s in ensemble.specialists]
+        assert report["flops_specialists"] == flops and len(set(flops)) == 2, widths
+        expected = (
+            1.0
+            + sum(r * f for r, f in zip(report["activation_rate"], flops, strict=True))
+            / report["flops_generalist"]
+        )
+        # fp32 activation rates times integer FLOPs: a few roundings, relative.
+        assert report["cost"] == pytest.approx(expected, rel=8 * EPS32)
+        assert 0.0 <= metrics["test/acc"] <= 1.0
+    # A specialist trained with `init_from: generalist` reloads without its generalist.
+    (d["dir"] / "generalist.ckpt").rename(tmp_path / "moved.ckpt")
+    assert load_specialist(d["checkpoints"][0]).group_classes == [0, 1]
+    assert load_specialist(checkpoints[0]).net.net[1].out_features == 4
+
+
 def test_specialist_bad_inputs(tmp_path):
     groups = ClassGroups(6, list("abcdef"), [[0, 1], [2, 3]]).save(tmp_path / "groups.json")
     ten_classes = Synthetic(
@@ -509,6 +609,25 @@ data:
     groups_file: groups.json
     group: 1
 """
+
+
+def test_kd_builds_a_specialist_of_its_own_architecture(tmp_path, monkeypatch):
+    """In YAML (or on the command line) a specialist names its own network by class_path and starts from
+    scratch; from the generalist it needs the generalist's shapes."""
+    from kd_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ClassGroups(6, list("abcdef"), [[0, 1], [5, 2]]).save(tmp_path / "groups.json")
+    (tmp_path / "specialist.yaml").write_text(LINKED)
+    own = [
+        "--model.init_args.net=kd_lightning.models.MLP",
+        "--model.init_args.net.init_args.hidden=[4, 4]",
+        "--model.init_args.init_from=scratch",
+    ]
+    cli = main(["--config", "specialist.yaml", *own], run=False)
+    model = cli.model
+    assert [m.out_features for m in model.net.modules() if isinstance(m, nn.Linear)] == [4, 4, 3]
+    assert model.hparams["init_from"] == "scratch"
 
 
 def test_kd_links_the_datas_group_into_the_model(tmp_path, monkeypatch):

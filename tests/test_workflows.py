@@ -44,7 +44,14 @@ def run_kd(capsys, *argv: str) -> tuple[int | str | None, str, str]:
 
 
 def test_registry_names_module_functions():
-    assert set(CORE) | {"fill-store", "choose", "ensemble-kd", "specialists-kd", "feature-kd"} == set(WORKFLOWS)
+    assert set(CORE) | {
+        "fill-store",
+        "choose",
+        "ensemble-kd",
+        "specialists-kd",
+        "feature-kd",
+        "specialist-cost",
+    } == set(WORKFLOWS)
     assert all(entry.count(":") == 1 and entry.startswith("kd_lightning.") for entry in WORKFLOWS.values())
     for name in CORE:
         function = resolve(name)

@@ -289,6 +289,18 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
     def configure_optimizers(self) -> None:
         return None
 
+    def run_networks(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:
+        """The networks' part of inference, one after another (:meth:`SpecialistTeacher.run`): the generalist,
+        then each specialist on the inputs it is active for; nothing is combined. Specialists may differ in
+        architecture and size: each is read only through its probabilities over its group plus the dustbin.
+
+        Returns:
+            ``(generalist_probs (N, C), specialist_probs [(N, G_m + 1)], groups [class ids], active (N, M))``;
+            a specialist's rows where it is inactive are zeros.
+        """
+        out = self.combination.run(x)
+        return out.generalist, out.specialists, out.groups, out.active
+
     def combine(self, x: Tensor) -> dict[str, Any]:
         """Everything for a batch: ``generalist``, ``kl`` and ``average`` probabilities ``(N, C)``,
         ``active`` ``(N, M)`` and the solver's ``iterations``."""
@@ -379,8 +391,15 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
     def inference_cost(self, active: Tensor) -> dict[str, Any]:
         """Forward FLOPs per input relative to the generalist alone: ``1 + sum_m F_m P(m active) / F_g``.
 
+        ``F_m`` is specialist ``m``'s own network's FLOPs (specialists may differ in size); only the
+        specialists that ran count, as at inference.
+
         Args:
             active: ``(N, M)`` bool, which specialist ran on which input.
+
+        Returns:
+            ``specialists_per_input``, ``activation_rate`` (per specialist), ``flops_generalist`` (``F_g``),
+            ``flops_specialists`` (each ``F_m``) and ``cost``.
         """
         if self._flops is None:
             self._flops = (
@@ -393,5 +412,6 @@ class SpecialistEnsemble(FrozenNetworks, L.LightningModule):
             "specialists_per_input": float(rate.sum()),
             "activation_rate": rate.tolist(),
             "flops_generalist": generalist,
+            "flops_specialists": [int(f) for f in specialists.tolist()],
             "cost": 1.0 + float((rate * specialists).sum()) / max(generalist, 1),
         }

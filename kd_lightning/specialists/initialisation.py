@@ -72,10 +72,20 @@ def init_from_generalist(specialist: nn.Module, generalist: nn.Module, classes: 
 
     The two networks must be the same architecture except for the head's number of outputs (``C``
     for the generalist, ``G + 1`` for the specialist). Before any training, the specialist's group
-    logits equal the generalist's logits of those classes.
+    logits equal the generalist's logits of those classes. A specialist of another architecture (e.g.
+    a smaller one) starts from scratch instead (``SpecialistModule(init_from="scratch")``).
 
     Raises:
-        ValueError: the heads do not have the expected sizes, or the architectures differ elsewhere.
+        ValueError: the heads do not have the expected sizes, or the architectures differ elsewhere (the
+            message names the parameters and their shapes).
+
+    Example:
+        >>> generalist = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+        >>> smaller = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 3))
+        >>> init_from_generalist(smaller, generalist, [0, 1])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ... different shapes ['0.bias (specialist (2,), generalist (8,))', '0.weight (specialist (2, 4), generalist (8, 4))'].
+
     """
     classes = list(classes)
     s_name, s_head = head_layer(specialist)
@@ -96,10 +106,15 @@ def init_from_generalist(specialist: nn.Module, generalist: nn.Module, classes: 
     body = {k for k in target if k not in head_keys}
     if set(state) != body or any(state[k].shape != target[k].shape for k in body):
         missing, extra = sorted(body - set(state)), sorted(set(state) - body)
-        shapes = sorted(k for k in body & set(state) if state[k].shape != target[k].shape)
+        shapes = [
+            f"{k} (specialist {tuple(target[k].shape)}, generalist {tuple(state[k].shape)})"
+            for k in sorted(body & set(state))
+            if state[k].shape != target[k].shape
+        ]
         raise ValueError(
             "the specialist's network must be the generalist's architecture with another head: "
-            f"missing {missing[:5]}, unexpected {extra[:5]}, different shapes {shapes[:5]}."
+            f"parameters the generalist lacks {missing[:5]}, generalist parameters the specialist lacks "
+            f"{extra[:5]}, different shapes {shapes[:5]}."
         )
     specialist.load_state_dict({**target, **state})
     rows = torch.as_tensor(classes, dtype=torch.long, device=g_head.weight.device)

@@ -1,8 +1,10 @@
 """Training one specialist (Hinton, Vinyals & Dean 2015, section 5): :class:`SpecialistModule`, and
 :func:`load_specialist` to reload one for inference from its checkpoint alone.
 
-A specialist classifies one group of confusable classes plus one *dustbin* class for all others. It
-starts from the generalist's weights (:mod:`~kd_lightning.specialists.initialisation`), trains on
+A specialist classifies one group of confusable classes plus one *dustbin* class for all others. Its
+network is its own (``net``, any class by ``class_path``: the generalist's architecture or another, e.g. a
+smaller one); it starts from the generalist's weights where the architectures match
+(:mod:`~kd_lightning.specialists.initialisation`) or from scratch (``init_from``), trains on
 batches that over-represent its group, and corrects its dustbin logit for that oversampling afterwards
 (:func:`~kd_lightning.specialists.sampling.dustbin_correction`). Its classes belong to the data: the
 DataModule resolves them (groups file and group, or explicit classes), relabels the batches, and ``kd``
@@ -12,7 +14,7 @@ links them into the module the way it links ``num_classes``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +57,40 @@ def load_generalist(path: str) -> ClassifierBase:
     return generalist
 
 
+INIT_FROM = ("generalist", "scratch")
+"""Where a specialist's weights may start (:class:`SpecialistModule`'s ``init_from``)."""
+
+
+def _initialisation(init_from: str | None, generalist_ckpt: str | None) -> str:
+    """``init_from`` resolved: ``None`` means the generalist when one is given, else scratch.
+
+    Example:
+        >>> _initialisation(None, "g.ckpt"), _initialisation(None, None), _initialisation("scratch", "g.ckpt")
+        ('generalist', 'scratch', 'scratch')
+    """
+    if init_from is not None and init_from not in INIT_FROM:
+        raise ValueError(f"`init_from` must be one of {', '.join(INIT_FROM)} (or null), got {init_from!r}.")
+    if init_from == "generalist" and generalist_ckpt is None:
+        raise ValueError(
+            "`init_from`='generalist' needs the generalist: pass `generalist_ckpt`, or `init_from: scratch`."
+        )
+    if init_from is None:
+        return "generalist" if generalist_ckpt is not None else "scratch"
+    return init_from
+
+
 class SpecialistModule(FrozenNetworks, ClassifierBase):
     """One specialist: a classifier over one group's classes plus a dustbin class for all the others.
 
     Its ``classes`` come from the data (under ``kd``, linked from
     :class:`~kd_lightning.datamodules.SpecialistDataModule` with ``group`` and ``groups_file``; in
-    Python, given explicitly); it is initialised from ``generalist_ckpt`` when given (see
-    :func:`~kd_lightning.specialists.initialisation.init_from_generalist`). Training uses the raw logits
+    Python, given explicitly). Its network ``net`` is its own: the generalist's architecture or any other
+    (a smaller MLP, another family), whose head gets ``G + 1`` outputs. ``init_from`` says where its weights
+    start: ``"generalist"`` copies ``generalist_ckpt``'s weights and its group's head rows (see
+    :func:`~kd_lightning.specialists.initialisation.init_from_generalist`), which needs the same
+    architecture up to the head's size (otherwise a ``ValueError`` names the parameters that differ);
+    ``"scratch"`` keeps the network's own random initialisation, whatever its architecture (a generalist
+    given then only serves the soft targets). Training uses the raw logits
     against ``batch["specialist_target"]``, which the DataModule adds; ``forward`` and evaluation add the
     dustbin correction, which is computed at the start of fitting from the DataModule's
     ``group_sampling`` (:class:`~kd_lightning.specialists.sampling.SpecialistData`; none, or a DataModule
@@ -79,7 +108,7 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
     :class:`~kd_lightning.contracts.EvalOutput` over the ``G + 1`` labels.
 
     Args:
-        net: network factory, the generalist's architecture (its head gets ``G + 1`` outputs).
+        net: network factory, the specialist's own architecture (its head gets ``G + 1`` outputs).
         num_classes: full label space, linked from the DataModule.
         input_shape: linked from the DataModule.
         classes: the group's classes, linked from the DataModule's ``group_classes``.
@@ -88,6 +117,9 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
         groups_file: the groups file the classes came from, if any: recorded in the checkpoint and as a
             run input, never read here; linked from the DataModule.
         generalist_ckpt: checkpoint of the generalist to start from (and take soft targets from).
+        init_from: ``"generalist"`` (needs ``generalist_ckpt`` and the generalist's architecture up to the
+            head) or ``"scratch"``; ``None``: from the generalist when ``generalist_ckpt`` is given, else
+            from scratch.
         soft_weight: weight ``w`` in ``[0, 1]`` of the generalist's soft targets.
         temperature: temperature of the soft-target term.
         optimizer: optimizer factory over the specialist's parameters.
@@ -96,7 +128,9 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
     Raises:
         ValueError: no ``classes``; the group leaves no class for the dustbin or has ids outside the
             label space; ``soft_weight > 0`` without a generalist; a generalist for another number of
-            classes; at ``setup``, a DataModule whose group is not ``classes``.
+            classes; ``init_from="generalist"`` without a generalist, or with a ``net`` whose parameters
+            differ from the generalist's (the message names them); an unknown ``init_from``; at ``setup``,
+            a DataModule whose group is not ``classes``.
         FileNotFoundError: ``generalist_ckpt`` does not exist.
     """
 
@@ -109,6 +143,7 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
         group: int = 0,
         groups_file: str | None = None,
         generalist_ckpt: str | None = None,
+        init_from: Literal["generalist", "scratch"] | None = None,
         soft_weight: float = 0.0,
         temperature: float = 2.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -140,13 +175,21 @@ class SpecialistModule(FrozenNetworks, ClassifierBase):
                 f"must output the logits ({len(self.group_classes) + 1} for this specialist)."
             )
         self.generalist: ClassifierBase | None = None
+        start = _initialisation(init_from, generalist_ckpt)
         if generalist_ckpt is not None:
             generalist = load_generalist(generalist_ckpt)
             if generalist.num_classes != num_classes:
                 raise ValueError(
                     f"`generalist_ckpt` predicts {generalist.num_classes} classes, but num_classes={num_classes}."
                 )
-            init_from_generalist(self.net, generalist.net, self.group_classes)
+            if start == "generalist":
+                try:
+                    init_from_generalist(self.net, generalist.net, self.group_classes)
+                except ValueError as err:  # name the argument and the way out
+                    raise ValueError(
+                        f"`init_from`='generalist': {err} Give `init_from: scratch` to train this `net` from "
+                        "its own initialisation."
+                    ) from err
             if soft_weight > 0:
                 self.freeze("generalist", generalist)
         elif soft_weight > 0:
@@ -279,6 +322,7 @@ def load_specialist(path: str | Path) -> SpecialistModule:
             group=info["group"],
             groups_file=info.get("groups_file"),
             generalist_ckpt=None,
+            init_from="scratch",  # the checkpoint holds the trained weights
             soft_weight=0.0,
         )
     return module.eval().requires_grad_(False)

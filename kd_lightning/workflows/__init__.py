@@ -17,6 +17,7 @@ Modules: :mod:`~kd_lightning.workflows.stage` (one config fitted and tested, reu
 :mod:`~kd_lightning.workflows.members` (ensemble members and seeds), :mod:`~kd_lightning.workflows.specialists`
 (every specialist of a groups file, and their combination), :mod:`~kd_lightning.workflows.regimes` and
 :mod:`~kd_lightning.workflows.specialist_study` and :mod:`~kd_lightning.workflows.capacity_study` (the benchmarks' runs, shared with the reproduction),
+:mod:`~kd_lightning.workflows.specialist_cost` (specialists against single bigger models at equal FLOPs and latency),
 :func:`kd_lightning.summary.summarize` (mean ± std over finished stages).
 """
 
@@ -46,6 +47,7 @@ WORKFLOWS: dict[str, str] = {
     "ensemble-kd": "kd_lightning.workflows.ensemble_distillation:distil_ensemble",
     "specialists-kd": "kd_lightning.workflows.specialist_distillation:distil_specialists",
     "feature-kd": "kd_lightning.workflows.feature_study:compare_feature_methods",
+    "specialist-cost": "kd_lightning.workflows.specialist_cost:specialist_cost",
 }
 """Subcommand of ``kd`` -> ``"module:function"`` it runs."""
 

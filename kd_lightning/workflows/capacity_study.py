@@ -76,16 +76,33 @@ def _seed_dir(workdir: Path, seed: int) -> Path:
     return Path(workdir) / f"seed{seed}"
 
 
+def hidden_text(hidden: int | Sequence[int]) -> str:
+    """The ``kd`` value of an MLP's ``hidden`` layers: one width or several.
+
+    Example:
+        >>> hidden_text(64), hidden_text((16, 16))
+        ('[64]', '[16,16]')
+    """
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    return "[" + ",".join(str(int(w)) for w in widths) + "]"
+
+
 def train_generalist(
-    seed: int, workdir: str | Path, overrides: Sequence[str] = (), hidden: int | None = None
+    seed: int,
+    workdir: str | Path,
+    overrides: Sequence[str] = (),
+    hidden: int | Sequence[int] | None = None,
+    subdir: str = "wide",
 ) -> StageResult:
     """Fit and test the generalist of ``configs/synthetic/generalist.yaml`` for one seed (reused when done).
 
     Args:
         seed: ``--seed_everything``.
-        workdir: the study's directory; the run goes to ``seed<seed>/`` (``seed<seed>/wide/`` with ``hidden``).
+        workdir: the study's directory; the run goes to ``seed<seed>/`` (``seed<seed>/<subdir>/`` with ``hidden``).
         overrides: ``kd`` arguments of the run (e.g. a smaller budget).
-        hidden: another hidden width (the capacity reference); its clustering writes under ``wide/``.
+        hidden: other hidden layers (one width, e.g. the capacity reference's 64, or several: a deeper
+            MLP), trained with the same recipe and budget; its clustering writes under ``<subdir>/``.
+        subdir: the directory of a run with ``hidden``, under ``seed<seed>/``.
 
     Returns:
         The stage's result; the groups file is ``seed<seed>/runs/synthetic/generalist/groups.json``.
@@ -93,9 +110,9 @@ def train_generalist(
     where = _seed_dir(Path(workdir), seed)
     args = [f"--seed_everything={seed}", *QUIET, *overrides]
     if hidden is not None:
-        where = where / "wide"
-        args.append(f"--model.init_args.net.init_args.hidden=[{hidden}]")
-    name = "generalist" if hidden is None else f"generalist, {hidden} hidden units"
+        where = where / subdir
+        args.append(f"--model.init_args.net.init_args.hidden={hidden_text(hidden)}")
+    name = "generalist" if hidden is None else f"generalist, hidden layers {hidden_text(hidden)}"
     return run_stage(name, GENERALIST_CONFIG, where, args)
 
 
@@ -158,6 +175,8 @@ def specialists_run(
     split: str = "test",
     overrides: Sequence[str] = (),
     name: str = "chosen",
+    specialist_args: Sequence[str] = (),
+    generalist_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train the specialists of one setting for one seed (finished ones reused) and score the combination.
 
@@ -166,14 +185,18 @@ def specialists_run(
         workdir: the study's directory (the generalist must be trained: :func:`train_generalist`).
         setting: ``overlap``, ``overlap_threshold``, ``epochs`` and ``soft_weight``.
         split: ``"val"`` (for choices) or ``"test"`` (the report).
-        overrides: ``kd`` arguments of every specialist run and of the evaluation.
+        overrides: ``kd`` arguments of every run (the generalist's too) and of the evaluation.
         name: the setting's directory under ``seed<seed>/specialists/``.
+        specialist_args: ``kd`` arguments of the specialists only, e.g. their own network
+            (``--model.init_args.net.init_args.hidden=[8]``) and ``--model.init_args.init_from=scratch``.
+        generalist_args: ``kd`` arguments of the generalist only (e.g. its clustering's number of groups).
 
     Returns:
-        The report of :func:`~kd_lightning.workflows.specialists.evaluate_specialists` plus ``setting``.
+        The report of :func:`~kd_lightning.workflows.specialists.evaluate_specialists` plus ``setting``,
+        ``generalist`` (its checkpoint), ``groups_file`` and ``specialist_checkpoints`` (by group).
     """
     where = _seed_dir(Path(workdir), seed)
-    generalist = train_generalist(seed, workdir, overrides)
+    generalist = train_generalist(seed, workdir, [*overrides, *generalist_args])
     out = where / "specialists" / name
     out.mkdir(parents=True, exist_ok=True)
     groups = overlap_groups(
@@ -187,13 +210,19 @@ def specialists_run(
         f"--model.init_args.soft_weight={setting['soft_weight']}",
         *QUIET,
         *overrides,
+        *specialist_args,
     ]
     from kd_lightning.clustering import ClassGroups
 
-    for g in range(len(ClassGroups.load(groups).groups)):
+    trained = [
         train_specialist(SPECIALIST_CONFIG, g, out, where, args)
+        for g in range(len(ClassGroups.load(groups).groups))
+    ]
     report = evaluate_specialists(SPECIALIST_CONFIG, out, where, args, split=split)  # type: ignore[arg-type]
     report["setting"] = dict(setting)
+    report["generalist"] = generalist.checkpoint
+    report["groups_file"] = str(groups.resolve())
+    report["specialist_checkpoints"] = [r.checkpoint for r in trained]
     return report
 
 
@@ -260,6 +289,25 @@ def choose_settings(
     return record
 
 
+def split_tensors(split: str = "test", overrides: Sequence[str] = ()) -> tuple[Any, Any, Any]:
+    """The inputs and labels of one split of the generalist config's data, and its source.
+
+    Args:
+        split: ``"test"`` or ``"train"`` (the whole training file, validation carve-out included).
+        overrides: ``kd`` arguments of the runs (those of the data change it).
+
+    Returns:
+        ``(inputs (N, dim), labels (N,), the Synthetic source)``.
+    """
+    from kd_lightning.datamodules import Synthetic
+    from kd_lightning.workflows.specialists import specialist_config
+
+    source = specialist_config(GENERALIST_CONFIG, overrides).data.init_args.source
+    data = Synthetic(**source.init_args.as_dict())
+    x, y = data.load(split == "train")[0].tensors
+    return x, y, data
+
+
 def bayes_accuracy(split: str = "test", overrides: Sequence[str] = ()) -> float:
     """Accuracy of the nearest-true-mean rule on the config's data: the Bayes rule for its classes (equal
     priors, equal isotropic noise), hence the most any network can reach there.
@@ -270,13 +318,7 @@ def bayes_accuracy(split: str = "test", overrides: Sequence[str] = ()) -> float:
     """
     import torch
 
-    from kd_lightning.workflows.specialists import specialist_config
-
-    source = specialist_config(GENERALIST_CONFIG, overrides).data.init_args.source
-    from kd_lightning.datamodules import Synthetic
-
-    data = Synthetic(**source.init_args.as_dict())
-    x, y = data.load(split == "train")[0].tensors
+    x, y, data = split_tensors(split, overrides)
     means = torch.as_tensor(data.class_means(), dtype=torch.float32)
     return float((torch.cdist(x, means).argmin(1) == y).float().mean())
 

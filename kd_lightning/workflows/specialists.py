@@ -214,8 +214,13 @@ def evaluate_specialists(
         raise FileNotFoundError(f"evaluation: specialists not trained yet: {missing}")
     with working_directory(workdir), own_argv():
         # The model is built only for the CLI's links and is not used: no generalist to load, and so no
-        # soft targets (which would need one).
-        args = [*overrides, f"{GENERALIST_ARG}=null", "--model.init_args.soft_weight=0.0"]
+        # soft targets and no initialisation from it (which would need one).
+        args = [
+            *overrides,
+            f"{GENERALIST_ARG}=null",
+            "--model.init_args.init_from=scratch",
+            "--model.init_args.soft_weight=0.0",
+        ]
         cli = main(["--config", str(config), *args], run=False)
         data = cli.datamodule
         # The test split as every model sees it: natural sampling, no specialist relabelling.
