@@ -90,7 +90,8 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     text = config.read_text()
     no_files = ["--model.init_args.teacher_ckpt=null"] if "teacher_ckpt:" in text else []
-    if "generalist_ckpt:" in text:  # a specialist: no generalist to start from, its group given inline
+    teacher_of_files = "kd_lightning.ensemble.Ensemble" in text or "SpecialistTeacher" in text
+    if "generalist_ckpt:" in text and not teacher_of_files:  # a specialist: no generalist, its group inline
         no_files += [
             "--model.init_args.generalist_ckpt=null",
             "--data.init_args.groups_file=null",
@@ -100,8 +101,8 @@ def test_every_shipped_yaml_builds_a_working_model(config, tmp_path, monkeypatch
         (tmp_path / "runs/fashion_mnist/members").mkdir(parents=True)
         (tmp_path / "runs/fashion_mnist/members/member").symlink_to(member_checkpoints())
     elif (
-        "kd_lightning.ensemble.Ensemble" in text
-    ):  # other ensembles' members: the student is built without them
+        teacher_of_files
+    ):  # other ensembles' members, a generalist and specialists: the student is built alone
         no_files.append("--model.init_args.teacher=null")
     if "kd_lightning.datamodules.ImageFolder" in text:  # a few pictures where the config looks; no download
         root = tmp_path / yaml.safe_load(text)["data"]["init_args"]["source"]["init_args"]["root"]
